@@ -1,0 +1,88 @@
+// `npm run local`: the whole path on this machine with no cloud account. Starts the local stack
+// (Azurite, OAuth server, SMTP server that checks tokens), writes a dev certificate, enqueues sample
+// messages and runs `queue-mailer worker` as a child process with the same settings a deployment
+// would have, printing each delivery. `--once` exits when the samples are delivered (0) or not (1).
+import { spawn } from "node:child_process";
+import { mkdirSync, rmSync } from "node:fs";
+import { join, relative, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { enqueueEmail } from "../../shared/enqueueEmail.js";
+import type { EmailMessageInput } from "../../shared/message/schema.js";
+import { openMailQueues } from "../../shared/queue/mailQueue.js";
+import { loadStorageConfig } from "../../shared/config.js";
+import { LOCAL_MAILBOX, startLocalStack } from "./localStack.js";
+
+const { values } = parseArgs({ options: { once: { type: "boolean" }, dir: { type: "string" } }, strict: true });
+const once = values.once === true;
+const dir = resolve(values.dir ?? ".local");
+const outboxDir = join(dir, "outbox");
+rmSync(outboxDir, { recursive: true, force: true });
+mkdirSync(outboxDir, { recursive: true });
+
+const samples: EmailMessageInput[] = [
+  { to: "Ada Lovelace <ada@example.test>", subject: "Welcome to queue-mailer", text: "Plain text, sent through XOAUTH2.", headers: { "X-Campaign": "local-demo" } },
+  {
+    to: ["grace@example.test", "\"Hopper, Grace\" <grace.hopper@example.test>"],
+    cc: "linus@example.test",
+    subject: "Your receipt",
+    html: "<h1>Thanks!</h1><p>HTML with an attachment.</p>",
+    text: "Thanks! Text alternative.",
+    attachments: [{ filename: "receipt.txt", contentType: "text/plain", content: Buffer.from("Total: 42.00\n").toString("base64") }],
+  },
+  { to: "margaret@example.test", bcc: "audit@example.test", subject: "Password reset", text: "Your code is 123456." },
+];
+
+console.log("queue-mailer local: starting Azurite, the OAuth server and the SMTP server on 127.0.0.1 …");
+const stack = await startLocalStack({ caDir: join(dir, "ca"), workDir: dir, outboxDir, preferDefaultPorts: !once });
+const env = { ...stack.env, LOG_LEVEL: "info" };
+console.log(`  storage   ${stack.azurite.connectionString.startsWith("UseDevelopmentStorage") ? "UseDevelopmentStorage=true (ports 10000-10002)" : `ports ${stack.azurite.ports.queue} (queue)`}`);
+console.log(`  token     ${stack.oauth.tokenUrl}  (verifies client assertions signed with ${relative(process.cwd(), stack.certPath)})`);
+console.log(`  smtp      127.0.0.1:${stack.smtp.port}  (STARTTLS + XOAUTH2 required, token checked; outbox ${relative(process.cwd(), outboxDir)})`);
+
+stack.smtp.onMessage((message) => {
+  const subject = message.headers["subject"]?.[0] ?? "";
+  console.log(`delivered #${message.seq}: "${subject}" from ${message.mailFrom} to ${message.rcptTo.join(", ")} → ${relative(process.cwd(), message.file ?? "")}`);
+});
+
+const { queue } = await openMailQueues(loadStorageConfig(env));
+for (const sample of samples) await enqueueEmail(queue, sample);
+console.log(`enqueued ${samples.length} sample messages on "${env.MAIL_QUEUE}"`);
+
+const cliMain = fileURLToPath(new URL("../main.ts", import.meta.url));
+// The worker is a separate process, as in a container: it trusts the local CA (for STARTTLS to
+// the SMTP server) the standard Node way, which only works from process start.
+const worker = spawn(process.execPath, ["--import", "tsx", cliMain, "worker", ...(once ? ["--drain"] : [])], {
+  env: { ...process.env, ...env, NODE_EXTRA_CA_CERTS: stack.caPath },
+  stdio: ["ignore", "inherit", "pipe"],
+});
+worker.stderr?.on("data", (chunk: Buffer) => {
+  for (const line of chunk.toString().split("\n").filter(Boolean)) {
+    // Print the worker's notable events compactly; the full JSON lines are in the worker's output.
+    try {
+      const record = JSON.parse(line) as { level: string; event: string; error?: { code: string; message: string } };
+      if (record.level === "warn" || record.level === "error") console.log(`worker ${record.level}: ${record.event} ${record.error ? `${record.error.code}: ${record.error.message}` : ""}`);
+    } catch {
+      console.log(`worker: ${line}`);
+    }
+  }
+});
+
+if (!once) {
+  console.log(`\nRunning. Add messages from another terminal, e.g.:\n  AzureWebJobsStorage="${stack.azurite.connectionString}" npx queue-mailer enqueue --to you@example.test --subject Hi --text Hello\nCtrl-C stops everything.`);
+  process.once("SIGINT", () => worker.kill("SIGTERM"));
+  process.once("SIGTERM", () => worker.kill("SIGTERM"));
+}
+
+const exitCode = await new Promise<number>((resolveExit) => worker.once("exit", (code) => resolveExit(code ?? 1)));
+const delivered = stack.smtp.messages.length;
+await stack.stop();
+if (once) {
+  const ok = exitCode === 0 && delivered >= samples.length;
+  console.log(ok ? `done: ${delivered} of ${samples.length} samples delivered, .eml files in ${relative(process.cwd(), outboxDir)}` : `FAILED: ${delivered} of ${samples.length} samples delivered (worker exit ${exitCode})`);
+  process.exit(ok ? 0 : 1);
+}
+console.log(`stopped (${delivered} delivered)`);
+process.exit(0);
+
+export { LOCAL_MAILBOX };

@@ -1,0 +1,123 @@
+// The `queue-mailer` command. `--help` needs no settings; each command checks only the settings it
+// needs and names every missing or invalid one before it touches the queue.
+import { readFileSync } from "node:fs";
+import { parseArgs } from "node:util";
+import { loadSendConfig, loadStorageConfig, readSettings } from "../shared/config.js";
+import { enqueueEmail } from "../shared/enqueueEmail.js";
+import { MailerError } from "../shared/errors.js";
+import { jsonLineLogger, type LogLevel } from "../shared/log.js";
+import { createMailer } from "../shared/mailer.js";
+import type { EmailMessageInput } from "../shared/message/schema.js";
+import { openMailQueues } from "../shared/queue/mailQueue.js";
+import { runWorker } from "./worker.js";
+
+const usage = `queue-mailer: queued transactional email over Outlook SMTP with OAuth2 (XOAUTH2)
+
+Usage:
+  queue-mailer worker [--drain]       Send messages from MAIL_QUEUE (like the Functions host does).
+                                      --drain: exit 0 once no message is visible and none is in flight.
+  queue-mailer enqueue [options]      Validate a message and put it on MAIL_QUEUE.
+      --to ADDRESS (repeatable)  --cc ADDRESS  --bcc ADDRESS  --from ADDRESS  --reply-to ADDRESS
+      --subject TEXT  --text TEXT  --html HTML  --id KEY  --header "Name: value" (repeatable)
+      --file message.json             Read the whole message (schema v1) from a file instead.
+  queue-mailer --help                 This text.
+
+Settings come from the environment and from local.settings.json "Values" (environment wins).
+See README.md for every setting.
+`;
+
+async function enqueueCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: {
+      to: { type: "string", multiple: true },
+      cc: { type: "string", multiple: true },
+      bcc: { type: "string", multiple: true },
+      from: { type: "string" },
+      "reply-to": { type: "string", multiple: true },
+      subject: { type: "string" },
+      text: { type: "string" },
+      html: { type: "string" },
+      id: { type: "string" },
+      header: { type: "string", multiple: true },
+      file: { type: "string" },
+    },
+    strict: true,
+  });
+  let message: EmailMessageInput;
+  if (values.file) {
+    message = JSON.parse(readFileSync(values.file, "utf8")) as EmailMessageInput;
+  } else {
+    const headers = Object.fromEntries((values.header ?? []).map((h) => {
+      const colon = h.indexOf(":");
+      return [h.slice(0, colon).trim(), h.slice(colon + 1).trim()];
+    }));
+    const list = (v: string[] | undefined) => (v === undefined ? undefined : v.length === 1 ? v[0] : v);
+    message = Object.fromEntries(Object.entries({
+      to: list(values.to),
+      cc: list(values.cc),
+      bcc: list(values.bcc),
+      replyTo: list(values["reply-to"]),
+      from: values.from,
+      subject: values.subject,
+      text: values.text,
+      html: values.html,
+      id: values.id,
+      headers: Object.keys(headers).length > 0 ? headers : undefined,
+    }).filter(([, v]) => v !== undefined)) as unknown as EmailMessageInput;
+  }
+  const storage = loadStorageConfig(readSettings());
+  const { queue } = await openMailQueues(storage);
+  const result = await enqueueEmail(queue, message);
+  console.log(JSON.stringify({ enqueued: true, queue: storage.queueName, ...result }));
+  return 0;
+}
+
+async function workerCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { drain: { type: "boolean" }, "log-level": { type: "string" } }, strict: true });
+  const config = loadSendConfig(readSettings());
+  const logger = jsonLineLogger((line) => process.stderr.write(line + "\n"), (values["log-level"] as LogLevel | undefined) ?? "info");
+  const mailer = createMailer(config, logger);
+  const stop = new AbortController();
+  // SIGTERM/SIGINT: stop taking messages, finish what is in flight, close the pool.
+  const onSignal = () => stop.abort();
+  process.once("SIGTERM", onSignal);
+  process.once("SIGINT", onSignal);
+  try {
+    const summary = await runWorker({ mailer, logger, drain: values.drain === true, signal: stop.signal });
+    console.log(JSON.stringify({ worker: "stopped", ...summary }));
+    return 0;
+  } finally {
+    await mailer.close();
+  }
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    switch (command) {
+      case undefined:
+      case "help":
+      case "--help":
+      case "-h":
+        process.stdout.write(usage);
+        return command === undefined ? 1 : 0;
+      case "worker":
+        return await workerCommand(rest);
+      case "enqueue":
+        return await enqueueCommand(rest);
+      default:
+        process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
+        return 2;
+    }
+  } catch (error) {
+    if (error instanceof MailerError) {
+      process.stderr.write(`queue-mailer ${command}: ${error.code}: ${error.message}\n${error.hint ? `hint: ${error.hint}\n` : ""}`);
+      return error.kind === "config" ? 2 : 1;
+    }
+    process.stderr.write(`queue-mailer ${command}: ${(error as Error).message}\n`);
+    return 1;
+  }
+}
+
+process.exitCode = await main(process.argv.slice(2));

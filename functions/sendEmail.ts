@@ -1,0 +1,43 @@
+// Azure Functions registration for the mail queue. Thin on purpose: all logic is in shared/.
+// host.json sets messageEncoding "none", so the handler sees the text as it was put on the queue
+// and decodes raw or base64 JSON itself (see shared/queue/decode.ts).
+import { app, type InvocationContext } from "@azure/functions";
+import { readSettings } from "../shared/config.js";
+import { formatRecord, jsonLineLogger, type Logger } from "../shared/log.js";
+import { processWideMailer } from "../shared/mailer.js";
+
+const processLogger = jsonLineLogger((line) => console.log(line));
+
+function invocationLogger(context: InvocationContext): Logger {
+  return {
+    log(level, event, fields) {
+      const line = formatRecord(level, event, { invocationId: context.invocationId, ...fields });
+      if (level === "error") context.error(line);
+      else if (level === "warn") context.warn(line);
+      else if (level === "debug") context.debug(line);
+      else context.log(line);
+    },
+  };
+}
+
+export async function sendEmail(queueEntry: unknown, context: InvocationContext): Promise<void> {
+  const mailer = processWideMailer(readSettings(), processLogger);
+  // The host hands JSON over as an object when it can parse it; the poison record keeps text.
+  const text = typeof queueEntry === "string" ? queueEntry : JSON.stringify(queueEntry);
+  const outcome = await mailer.process(
+    text,
+    { queueMessageId: String(context.triggerMetadata?.["id"] ?? context.invocationId), dequeueCount: Number(context.triggerMetadata?.["dequeueCount"] ?? 1) },
+    invocationLogger(context),
+  );
+  if (outcome.status === "retry") {
+    // Throwing is how the host retries: the message becomes visible again after host.json's
+    // visibilityTimeout, and its dequeue count grows.
+    throw new Error(`${outcome.error.code}: ${outcome.error.message}`);
+  }
+}
+
+app.storageQueue("sendEmail", {
+  queueName: "%MAIL_QUEUE%",
+  connection: "AzureWebJobsStorage",
+  handler: sendEmail,
+});

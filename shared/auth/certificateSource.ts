@@ -1,0 +1,131 @@
+// Where the signing certificate lives: a local file (development, on-premises) or Key Vault.
+// Either way it is read once and kept in memory; `invalidate()` (called when the token endpoint
+// rejects our key) makes the next `load()` read it again, which is also how a renewed certificate
+// is picked up.
+import { readFile } from "node:fs/promises";
+import type { TokenCredential } from "@azure/identity";
+import type { CertificateLocation } from "../config.js";
+import { MailerError } from "../errors.js";
+import type { Logger } from "../log.js";
+import { parseCertificateFile, parsePemBundle, parsePkcs12, type SigningCertificate } from "./signingCertificate.js";
+import { azureCredential } from "./azureCredential.js";
+
+export interface CertificateSource {
+  load(): Promise<SigningCertificate>;
+  invalidate(): void;
+}
+
+/** Caches one in-flight or finished load; a failed load is not cached. */
+function cachedSource(read: () => Promise<SigningCertificate>): CertificateSource {
+  let pending: Promise<SigningCertificate> | undefined;
+  return {
+    load() {
+      pending ??= read().catch((error: unknown) => {
+        pending = undefined;
+        throw error;
+      });
+      return pending;
+    },
+    invalidate() {
+      pending = undefined;
+    },
+  };
+}
+
+export function fileCertificateSource(path: string, password?: string): CertificateSource {
+  return cachedSource(async () => {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(path);
+    } catch (error) {
+      throw new MailerError("CERT_FILE_UNREADABLE", `CERT_PATH ${path} cannot be read: ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}`, {
+        kind: "config",
+        hint: "Set CERT_PATH to a PEM (certificate + private key) or .pfx file readable by this process.",
+      });
+    }
+    return parseCertificateFile(bytes, path, password);
+  });
+}
+
+interface RestLikeError {
+  statusCode?: number;
+  code?: string;
+  message?: string;
+}
+
+function keyVaultError(error: unknown, what: string, vaultUrl: string, name: string): MailerError {
+  const rest = error as RestLikeError;
+  const status = rest.statusCode;
+  const detail = `${rest.code ?? ""} ${rest.message ?? String(error)}`.trim();
+  if (status === 401 || status === 403) {
+    return new MailerError("KEYVAULT_ACCESS_DENIED", `Key Vault ${vaultUrl} refused to read ${what} "${name}" (${status}): ${detail}`, {
+      kind: "config",
+      response: detail,
+      hint: "Grant the app's identity the 'Key Vault Certificate User' role on the vault (or 'Key Vault Secrets User' for the key).",
+      cause: error,
+    });
+  }
+  if (status === 404) {
+    return new MailerError("KEYVAULT_NOT_FOUND", `Key Vault ${vaultUrl} has no ${what} "${name}"${what === "private key" ? " (is the certificate exportable?)" : ""}`, {
+      kind: "config",
+      response: detail,
+      hint: "Check CERT_NAME; the certificate's key policy must be exportable to sign locally.",
+      cause: error,
+    });
+  }
+  // Throttling, server errors, network: worth retrying.
+  return new MailerError("KEYVAULT_UNAVAILABLE", `Key Vault ${vaultUrl} could not be read (${status ?? "network"}): ${detail}`, {
+    kind: "transient",
+    response: detail,
+    cause: error,
+  });
+}
+
+/**
+ * The certificate through the certificates API (public part, current version) and its private key
+ * through the secrets API under the same name and version: that is where Key Vault keeps an
+ * exportable certificate's key, as PKCS#12 (default) or PEM depending on the certificate policy.
+ */
+export function keyVaultCertificateSource(vaultUrl: string, name: string, logger: Logger, credential?: TokenCredential): CertificateSource {
+  let clients: Promise<{ certificates: import("@azure/keyvault-certificates").CertificateClient; secrets: import("@azure/keyvault-secrets").SecretClient }> | undefined;
+  const getClients = () =>
+    (clients ??= (async () => {
+      const [{ CertificateClient }, { SecretClient }] = await Promise.all([import("@azure/keyvault-certificates"), import("@azure/keyvault-secrets")]);
+      const tokenCredential = credential ?? (await azureCredential());
+      return { certificates: new CertificateClient(vaultUrl, tokenCredential), secrets: new SecretClient(vaultUrl, tokenCredential) };
+    })());
+
+  return cachedSource(async () => {
+    const { certificates, secrets } = await getClients();
+    let version: string | undefined;
+    try {
+      const certificate = await certificates.getCertificate(name);
+      version = certificate.properties.version;
+      if (certificate.properties.enabled === false) {
+        throw new MailerError("KEYVAULT_CERT_DISABLED", `Key Vault certificate "${name}" is disabled`, { kind: "config", hint: "Enable it or set CERT_NAME to the current certificate." });
+      }
+    } catch (error) {
+      throw error instanceof MailerError ? error : keyVaultError(error, "certificate", vaultUrl, name);
+    }
+    let secret: import("@azure/keyvault-secrets").KeyVaultSecret;
+    try {
+      secret = await secrets.getSecret(name, version === undefined ? {} : { version });
+    } catch (error) {
+      throw keyVaultError(error, "private key", vaultUrl, name);
+    }
+    const source = `${vaultUrl.replace(/\/$/, "")}/certificates/${name}/${version ?? "latest"}`;
+    const value = secret.value ?? "";
+    const contentType = secret.properties.contentType ?? "";
+    const parsed = contentType === "application/x-pem-file" || value.includes("-----BEGIN")
+      ? parsePemBundle(value, source)
+      : parsePkcs12(Buffer.from(value, "base64"), source, "");
+    logger.log("info", "certificate.loaded", { source, contentType: contentType || "unknown", thumbprintSha256: parsed.thumbprintSha256, notAfter: parsed.notAfter.toISOString() });
+    return parsed;
+  });
+}
+
+export function certificateSourceFor(location: CertificateLocation, logger: Logger): CertificateSource {
+  return location.kind === "file"
+    ? fileCertificateSource(location.path, location.password)
+    : keyVaultCertificateSource(location.vaultUrl, location.name, logger);
+}

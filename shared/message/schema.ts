@@ -1,0 +1,81 @@
+// Schema v1 of a queue message. Producers can validate against the published copy in
+// schema/email-message.v1.json (kept equal to this object by a test); validateMessage adds the
+// checks JSON Schema cannot express (addresses, header injection, base64, recipient count).
+export const MAX_RECIPIENTS = 500;
+export const MAX_ID_LENGTH = 256;
+
+const addressList = {
+  oneOf: [
+    { type: "string", minLength: 1, description: "One address; a quoted display name may contain a comma." },
+    { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+  ],
+} as const;
+
+export const emailMessageSchema = {
+  $schema: "https://json-schema.org/draft/2020-12/schema",
+  $id: "https://github.com/queue-mailer/queue-mailer/schema/email-message.v1.json",
+  title: "queue-mailer email message (v1)",
+  type: "object",
+  additionalProperties: false,
+  required: ["to", "subject"],
+  anyOf: [{ required: ["text"] }, { required: ["html"] }],
+  properties: {
+    id: { type: "string", minLength: 1, maxLength: MAX_ID_LENGTH, description: "Idempotency key; defaults to the queue message id." },
+    from: { type: "string", minLength: 1, description: "Defaults to MAIL_FROM." },
+    to: addressList,
+    cc: addressList,
+    bcc: addressList,
+    replyTo: addressList,
+    subject: { type: "string", maxLength: 998 },
+    text: { type: "string" },
+    html: { type: "string" },
+    headers: {
+      type: "object",
+      description: "Custom headers (X-…); structural headers come from the fields above.",
+      additionalProperties: { type: "string" },
+    },
+    attachments: {
+      type: "array",
+      items: {
+        type: "object",
+        additionalProperties: false,
+        required: ["filename", "content"],
+        properties: {
+          filename: { type: "string", minLength: 1, maxLength: 255 },
+          contentType: { type: "string", minLength: 3 },
+          content: { type: "string", description: "Base64." },
+        },
+      },
+    },
+  },
+} as const;
+
+/** A message as producers write it. */
+export interface EmailMessageInput {
+  id?: string;
+  from?: string;
+  to: string | string[];
+  cc?: string | string[];
+  bcc?: string | string[];
+  replyTo?: string | string[];
+  subject: string;
+  text?: string;
+  html?: string;
+  headers?: Record<string, string>;
+  attachments?: Array<{ filename: string; contentType?: string; content: string }>;
+}
+
+/** A validated message, normalised for sending. */
+export interface EmailMessage {
+  id: string;
+  from: string;
+  to: string[];
+  cc: string[];
+  bcc: string[];
+  replyTo: string[];
+  subject: string;
+  text?: string;
+  html?: string;
+  headers: Record<string, string>;
+  attachments: Array<{ filename: string; contentType?: string; content: Buffer }>;
+}

@@ -1,0 +1,193 @@
+// Step 2 of a message's path: queue text → a validated EmailMessage, or a MessageError whose code
+// says exactly what is wrong. A message that fails here is never retried: it is the producer's bug.
+import addressparser from "nodemailer/lib/addressparser";
+import { MailerError } from "../errors.js";
+import { MAX_ID_LENGTH, MAX_RECIPIENTS, emailMessageSchema, type EmailMessage } from "./schema.js";
+
+export type MessageErrorCode =
+  | "MESSAGE_NOT_JSON"
+  | "MESSAGE_NOT_OBJECT"
+  | "MESSAGE_UNKNOWN_FIELD"
+  | "MESSAGE_MISSING_FIELD"
+  | "MESSAGE_INVALID_TYPE"
+  | "MESSAGE_NO_BODY"
+  | "MESSAGE_FIELD_TOO_LONG"
+  | "MESSAGE_HEADER_INJECTION"
+  | "MESSAGE_INVALID_ADDRESS"
+  | "MESSAGE_TOO_MANY_RECIPIENTS"
+  | "MESSAGE_INVALID_HEADER"
+  | "MESSAGE_FORBIDDEN_HEADER"
+  | "MESSAGE_INVALID_BASE64";
+
+export class MessageError extends MailerError {
+  readonly field: string | undefined;
+  constructor(code: MessageErrorCode, message: string, field?: string) {
+    super(code, message, { kind: "permanent", hint: "Fix the producer; this message will not be retried." });
+    this.name = "MessageError";
+    this.field = field;
+  }
+}
+
+const knownFields = new Set(Object.keys(emailMessageSchema.properties));
+const attachmentFields = new Set(Object.keys(emailMessageSchema.properties.attachments.items.properties));
+
+// Headers that structure the message or the transfer come from the message fields or from us;
+// letting a producer set them would allow spoofing or breaking the MIME tree.
+const structuralHeaders = new Set([
+  "from", "sender", "to", "cc", "bcc", "reply-to", "subject", "date", "message-id", "mime-version",
+  "return-path", "received", "dkim-signature", "content-type", "content-transfer-encoding",
+  "content-disposition", "content-id", "content-description", "content-language", "content-location",
+]);
+
+// Any control character (C0 incl. CR, LF, NUL and DEL) in a header field means a bug or an
+// injection attempt upstream: refused, never stripped. TAB is allowed only in header values.
+// eslint-disable-next-line no-control-regex
+const controlCharacters = /[\u0000-\u0008\u000a-\u001f\u007f]/;
+// eslint-disable-next-line no-control-regex
+const controlCharactersWithTab = /[\u0000-\u001f\u007f]/;
+
+// addr-spec: a dot-atom local part (or a quoted one) and a domain of labels. Unicode allowed (SMTPUTF8).
+const addrSpec = /^(?:[\p{L}\p{N}!#$%&'*+/=?^_`{|}~-]+(?:\.[\p{L}\p{N}!#$%&'*+/=?^_`{|}~-]+)*|"(?:[^"\\]|\\.)+")@(?:[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?\.)+[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?$/u;
+const headerName = /^[!-9;-~]+$/; // RFC 5322 ftext: printable ASCII except colon
+const base64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+
+function describe(value: unknown): string {
+  return Array.isArray(value) ? "an array" : value === null ? "null" : `a ${typeof value}`;
+}
+
+function checkHeaderText(field: string, value: string, allowTab = false): void {
+  if ((allowTab ? controlCharacters : controlCharactersWithTab).test(value)) {
+    throw new MessageError("MESSAGE_HEADER_INJECTION", `${field} contains a control character (CR, LF, NUL or similar); header fields must be one line`, field);
+  }
+}
+
+function requireString(object: Record<string, unknown>, field: string): string | undefined {
+  const value = object[field];
+  if (value === undefined) return undefined;
+  if (typeof value !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be a string, got ${describe(value)}`, field);
+  return value;
+}
+
+/** One address as written ("Name, Inc." <a@b.c> or a@b.c); returns it unchanged after checking. */
+function checkAddress(field: string, value: string): string {
+  checkHeaderText(field, value);
+  const parsed = addressparser(value, { flatten: true });
+  if (parsed.length !== 1) {
+    throw new MessageError("MESSAGE_INVALID_ADDRESS", `${field} must hold exactly one address, found ${parsed.length}; put several recipients in an array`, field);
+  }
+  const address = parsed[0]?.address ?? "";
+  if (!addrSpec.test(address) || address.length > 254) {
+    throw new MessageError("MESSAGE_INVALID_ADDRESS", `${field} is not a valid email address: ${JSON.stringify(value.slice(0, 200))}`, field);
+  }
+  return value;
+}
+
+function addressList(object: Record<string, unknown>, field: string): string[] {
+  const value = object[field];
+  if (value === undefined) return [];
+  if (typeof value === "string") return [checkAddress(field, value)];
+  if (!Array.isArray(value) || value.length === 0) {
+    throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be an address string or a non-empty array of them, got ${describe(value)}`, field);
+  }
+  return value.map((item, index) => {
+    if (typeof item !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", `${field}[${index}] must be a string, got ${describe(item)}`, `${field}[${index}]`);
+    return checkAddress(`${field}[${index}]`, item);
+  });
+}
+
+/** Parse and validate queue text. `defaults` supplies From and the id when the message has none. */
+export function parseMessage(text: string, defaults: { from: string; id: string }): EmailMessage {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (error) {
+    throw new MessageError("MESSAGE_NOT_JSON", `message is not valid JSON: ${(error as Error).message}`);
+  }
+  return validateMessage(json, defaults);
+}
+
+export function validateMessage(json: unknown, defaults: { from: string; id: string }): EmailMessage {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new MessageError("MESSAGE_NOT_OBJECT", `message must be a JSON object, got ${describe(json)}`);
+  }
+  const input = json as Record<string, unknown>;
+  for (const key of Object.keys(input)) {
+    if (!knownFields.has(key)) throw new MessageError("MESSAGE_UNKNOWN_FIELD", `unknown field ${JSON.stringify(key.slice(0, 64))}; allowed: ${[...knownFields].join(", ")}`, key);
+  }
+  if (input["to"] === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", "to is required", "to");
+  if (input["subject"] === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", "subject is required", "subject");
+
+  const id = requireString(input, "id") ?? defaults.id;
+  if (id.length === 0 || id.length > MAX_ID_LENGTH) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `id must be 1 to ${MAX_ID_LENGTH} characters, got ${id.length}`, "id");
+  checkHeaderText("id", id);
+
+  const subject = requireString(input, "subject") ?? "";
+  checkHeaderText("subject", subject, true);
+  if (subject.length > 998) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `subject must be at most 998 characters, got ${subject.length}`, "subject");
+
+  const text = requireString(input, "text");
+  const html = requireString(input, "html");
+  if (text === undefined && html === undefined) throw new MessageError("MESSAGE_NO_BODY", "message needs text or html (or both)");
+
+  const from = checkAddress("from", requireString(input, "from") ?? defaults.from);
+  const to = addressList(input, "to");
+  const cc = addressList(input, "cc");
+  const bcc = addressList(input, "bcc");
+  const replyTo = addressList(input, "replyTo");
+  const recipients = to.length + cc.length + bcc.length;
+  if (recipients > MAX_RECIPIENTS) {
+    throw new MessageError("MESSAGE_TOO_MANY_RECIPIENTS", `message has ${recipients} recipients; Exchange accepts at most ${MAX_RECIPIENTS} per message`, "to");
+  }
+
+  const headers: Record<string, string> = {};
+  if (input["headers"] !== undefined) {
+    const raw = input["headers"];
+    if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new MessageError("MESSAGE_INVALID_TYPE", `headers must be an object of strings, got ${describe(raw)}`, "headers");
+    for (const [name, value] of Object.entries(raw)) {
+      const field = `headers[${JSON.stringify(name.slice(0, 64))}]`;
+      if (!headerName.test(name)) throw new MessageError("MESSAGE_INVALID_HEADER", `${field}: a header name is printable ASCII without spaces or colons`, field);
+      if (structuralHeaders.has(name.toLowerCase())) throw new MessageError("MESSAGE_FORBIDDEN_HEADER", `${field}: ${name} is set from the message fields, not from headers`, field);
+      if (typeof value !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be a string, got ${describe(value)}`, field);
+      checkHeaderText(field, value, true);
+      headers[name] = value;
+    }
+  }
+
+  const attachments: EmailMessage["attachments"] = [];
+  if (input["attachments"] !== undefined) {
+    const raw = input["attachments"];
+    if (!Array.isArray(raw)) throw new MessageError("MESSAGE_INVALID_TYPE", `attachments must be an array, got ${describe(raw)}`, "attachments");
+    raw.forEach((item: unknown, index) => {
+      const field = `attachments[${index}]`;
+      if (typeof item !== "object" || item === null || Array.isArray(item)) throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be an object, got ${describe(item)}`, field);
+      const attachment = item as Record<string, unknown>;
+      for (const key of Object.keys(attachment)) {
+        if (!attachmentFields.has(key)) throw new MessageError("MESSAGE_UNKNOWN_FIELD", `${field}: unknown field ${JSON.stringify(key.slice(0, 64))}`, `${field}.${key}`);
+      }
+      const filename = requireString(attachment, "filename");
+      const content = requireString(attachment, "content");
+      const contentType = requireString(attachment, "contentType");
+      if (filename === undefined || filename.length === 0) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.filename is required`, `${field}.filename`);
+      if (content === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.content is required (base64)`, `${field}.content`);
+      checkHeaderText(`${field}.filename`, filename);
+      if (contentType !== undefined) checkHeaderText(`${field}.contentType`, contentType);
+      const compact = content.replace(/\s+/g, "");
+      if (!base64.test(compact)) throw new MessageError("MESSAGE_INVALID_BASE64", `${field}.content is not valid base64`, `${field}.content`);
+      attachments.push({ filename, content: Buffer.from(compact, "base64"), ...(contentType === undefined ? {} : { contentType }) });
+    });
+  }
+
+  return {
+    id,
+    from,
+    to,
+    cc,
+    bcc,
+    replyTo,
+    subject,
+    headers,
+    attachments,
+    ...(text === undefined ? {} : { text }),
+    ...(html === undefined ? {} : { html }),
+  };
+}

@@ -1,0 +1,87 @@
+// SMTP submission with XOAUTH2 through one pooled nodemailer transport per process: connections
+// are opened once and reused across messages and invocations, and each new connection asks the
+// TokenProvider for the (shared, cached) token through nodemailer's oauth2 provisioning hook.
+import { createHash } from "node:crypto";
+import nodemailer from "nodemailer";
+import type { SmtpConfig } from "../config.js";
+import type { Logger } from "../log.js";
+import type { EmailMessage } from "../message/schema.js";
+import type { TokenProvider } from "../token/tokenProvider.js";
+import { toMailerError } from "../errors.js";
+import { classifySmtpError } from "./smtpErrors.js";
+import type { SendResult, Transport } from "./transport.js";
+
+export interface SmtpTransportStats {
+  tokenProvisions: number;
+  tokenRenewals: number;
+}
+
+/**
+ * Message-ID from the message's idempotency key, so a duplicate that slips through carries the same
+ * Message-ID and mail servers and clients can recognise it.
+ */
+export function messageIdFor(id: string, mailbox: string): string {
+  const domain = mailbox.split("@")[1] ?? "queue-mailer.invalid";
+  return `<qm.${createHash("sha256").update(id).digest("base64url").slice(0, 32)}@${domain}>`;
+}
+
+export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, logger: Logger): Transport & { stats: SmtpTransportStats } {
+  const stats: SmtpTransportStats = { tokenProvisions: 0, tokenRenewals: 0 };
+  const transporter = nodemailer.createTransport({
+    pool: true,
+    host: smtp.host,
+    port: smtp.port,
+    secure: false,
+    requireTLS: true, // never send a token over a connection that did not upgrade
+    maxConnections: smtp.maxConnections,
+    maxMessages: Infinity,
+    connectionTimeout: 30_000,
+    greetingTimeout: 30_000,
+    socketTimeout: 60_000,
+    auth: { type: "OAuth2", user: smtp.user },
+    logger: false,
+  });
+  transporter.set("oauth2_provision_cb", (_user: string, renew: boolean, callback: (error: Error | null, token?: string, expires?: number) => void) => {
+    stats.tokenProvisions += 1;
+    if (renew) stats.tokenRenewals += 1;
+    (renew ? tokens.renew() : tokens.getToken()).then(
+      (token) => callback(null, token.token, token.expiresAt.getTime()),
+      // nodemailer rewrites the code of the error it is given; carry ours alongside.
+      (error: unknown) => callback(Object.assign(new Error((error as Error).message), { mailerError: toMailerError(error) })),
+    );
+  });
+
+  return {
+    stats,
+    async send(message: EmailMessage): Promise<SendResult> {
+      try {
+        const info = await transporter.sendMail({
+          messageId: messageIdFor(message.id, smtp.user),
+          from: message.from,
+          to: message.to,
+          cc: message.cc,
+          bcc: message.bcc,
+          replyTo: message.replyTo,
+          subject: message.subject,
+          headers: message.headers,
+          attachments: message.attachments,
+          ...(message.text === undefined ? {} : { text: message.text }),
+          ...(message.html === undefined ? {} : { html: message.html }),
+        });
+        return {
+          messageId: info.messageId,
+          response: info.response,
+          accepted: (info.accepted as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address)),
+          rejected: (info.rejected as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address)),
+        };
+      } catch (error) {
+        const classified = classifySmtpError(error);
+        logger.log(classified.kind === "transient" ? "warn" : "error", "smtp.failed", { id: message.id, error: classified.toJSON() });
+        throw classified;
+      }
+    },
+    async close() {
+      transporter.close();
+    },
+  };
+}
