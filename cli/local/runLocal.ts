@@ -35,7 +35,7 @@ const samples: EmailMessageInput[] = [
 
 console.log("queue-mailer local: starting Azurite, the OAuth server and the SMTP server on 127.0.0.1 …");
 const stack = await startLocalStack({ caDir: join(dir, "ca"), workDir: dir, outboxDir, preferDefaultPorts: !once });
-const env = { ...stack.env, LOG_LEVEL: "info" };
+const env = stack.env;
 console.log(`  storage   ${stack.azurite.connectionString.startsWith("UseDevelopmentStorage") ? "UseDevelopmentStorage=true (ports 10000-10002)" : `ports ${stack.azurite.ports.queue} (queue)`}`);
 console.log(`  token     ${stack.oauth.tokenUrl}  (verifies client assertions signed with ${relative(process.cwd(), stack.certPath)})`);
 console.log(`  smtp      127.0.0.1:${stack.smtp.port}  (STARTTLS + XOAUTH2 required, token checked; outbox ${relative(process.cwd(), outboxDir)})`);
@@ -47,7 +47,7 @@ stack.smtp.onMessage((message) => {
 
 const { queue } = await openMailQueues(loadStorageConfig(env));
 for (const sample of samples) await enqueueEmail(queue, sample);
-console.log(`enqueued ${samples.length} sample messages on "${env.MAIL_QUEUE}"`);
+console.log(`enqueued ${samples.length} sample messages on "${env["MAIL_QUEUE"]}"`);
 
 const cliMain = fileURLToPath(new URL("../main.ts", import.meta.url));
 // The worker is a separate process, as in a container: it trusts the local CA (for STARTTLS to

@@ -51,31 +51,41 @@ export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, log
     );
   });
 
+  async function sendOnce(message: EmailMessage): Promise<SendResult> {
+    const info = await transporter.sendMail({
+      messageId: messageIdFor(message.id, smtp.user),
+      from: message.from,
+      to: message.to,
+      cc: message.cc,
+      bcc: message.bcc,
+      replyTo: message.replyTo,
+      subject: message.subject,
+      headers: message.headers,
+      attachments: message.attachments,
+      ...(message.text === undefined ? {} : { text: message.text }),
+      ...(message.html === undefined ? {} : { html: message.html }),
+    });
+    const addresses = (list: unknown) => (list as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address));
+    return { messageId: info.messageId, response: info.response, accepted: addresses(info.accepted), rejected: addresses(info.rejected) };
+  }
+
   return {
     stats,
     async send(message: EmailMessage): Promise<SendResult> {
       try {
-        const info = await transporter.sendMail({
-          messageId: messageIdFor(message.id, smtp.user),
-          from: message.from,
-          to: message.to,
-          cc: message.cc,
-          bcc: message.bcc,
-          replyTo: message.replyTo,
-          subject: message.subject,
-          headers: message.headers,
-          attachments: message.attachments,
-          ...(message.text === undefined ? {} : { text: message.text }),
-          ...(message.html === undefined ? {} : { html: message.html }),
-        });
-        return {
-          messageId: info.messageId,
-          response: info.response,
-          accepted: (info.accepted as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address)),
-          rejected: (info.rejected as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address)),
-        };
+        return await sendOnce(message);
       } catch (error) {
-        const classified = classifySmtpError(error);
+        let classified = classifySmtpError(error);
+        if (classified.code === "SMTP_AUTH_REJECTED") {
+          // Exchange answers 535 straight away (no 334 challenge, so nodemailer does not renew by
+          // itself): the token may be stale or its permissions changed. Drop it and try once more.
+          await tokens.renew();
+          try {
+            return await sendOnce(message);
+          } catch (retryError) {
+            classified = classifySmtpError(retryError);
+          }
+        }
         logger.log(classified.kind === "transient" ? "warn" : "error", "smtp.failed", { id: message.id, error: classified.toJSON() });
         throw classified;
       }

@@ -1,0 +1,125 @@
+import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, it } from "node:test";
+import { fileURLToPath } from "node:url";
+import { loadSendConfig, loadStorageConfig, readSettings, settingSpecs } from "../shared/config.js";
+import { ConfigError } from "../shared/errors.js";
+
+const complete = {
+  AzureWebJobsStorage: "UseDevelopmentStorage=true",
+  TENANT_ID: "contoso.onmicrosoft.com",
+  CLIENT_ID: "11111111-2222-3333-4444-555555555555",
+  KEY_VAULT_URL: "https://my-vault.vault.azure.net",
+  CERT_NAME: "smtp-cert",
+  SMTP_USER: "mailer@contoso.com",
+};
+
+function configError(fn: () => unknown): ConfigError {
+  try {
+    fn();
+  } catch (error) {
+    assert.ok(error instanceof ConfigError, `expected ConfigError, got ${String(error)}`);
+    return error;
+  }
+  assert.fail("expected a ConfigError");
+}
+
+describe("config", () => {
+  it("applies the documented defaults", () => {
+    const config = loadSendConfig(complete);
+    assert.equal(config.auth.tokenUrl, "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token");
+    assert.equal(config.auth.scope, "https://outlook.office365.com/.default");
+    assert.equal(config.auth.assertionAlg, "PS256");
+    assert.deepEqual(config.auth.certificate, { kind: "keyVault", vaultUrl: complete.KEY_VAULT_URL, name: "smtp-cert" });
+    assert.deepEqual({ host: config.smtp.host, port: config.smtp.port, max: config.smtp.maxConnections, rate: config.smtp.ratePerMinute }, { host: "smtp.office365.com", port: 587, max: 3, rate: 30 });
+    assert.equal(config.storage.queueName, "outbound-email");
+    assert.equal(config.storage.poisonQueueName, "outbound-email-poison");
+    assert.equal(config.mailFrom, "mailer@contoso.com");
+    assert.equal(config.queue.maxDequeueCount, 5);
+  });
+
+  it("names every missing setting with its fix, in one error", () => {
+    const error = configError(() => loadSendConfig({}));
+    assert.equal(error.code, "CONFIG_INVALID");
+    assert.equal(error.kind, "config");
+    assert.deepEqual(new Set(error.settings), new Set(["AzureWebJobsStorage", "CLIENT_ID", "TENANT_ID", "KEY_VAULT_URL", "SMTP_USER"]));
+    assert.match(error.message, /CLIENT_ID: is not set\. Set it to the Application \(client\) ID/);
+  });
+
+  it("refuses plain http token URLs except on loopback", () => {
+    const remote = configError(() => loadSendConfig({ ...complete, TOKEN_URL: "http://login.example.com/token" }));
+    assert.deepEqual(remote.settings, ["TOKEN_URL"]);
+    assert.match(remote.message, /must use https/);
+    assert.equal(loadSendConfig({ ...complete, TOKEN_URL: "http://127.0.0.1:8080/t/oauth2/v2.0/token" }).auth.tokenUrl, "http://127.0.0.1:8080/t/oauth2/v2.0/token");
+  });
+
+  it("rejects invalid numbers and enums by name", () => {
+    const error = configError(() => loadSendConfig({ ...complete, SMTP_PORT: "abc", ASSERTION_ALG: "HS256", SEND_RATE_PER_MINUTE: "-1" }));
+    assert.deepEqual(new Set(error.settings), new Set(["SMTP_PORT", "ASSERTION_ALG", "SEND_RATE_PER_MINUTE"]));
+  });
+
+  it("CERT_PATH replaces Key Vault; CERT_NAME without KEY_VAULT_URL is named", () => {
+    const config = loadSendConfig({ ...complete, KEY_VAULT_URL: "", CERT_NAME: "", CERT_PATH: "/certs/app.pfx", CERT_PASSWORD: "pfx-password-123" });
+    assert.deepEqual(config.auth.certificate, { kind: "file", path: "/certs/app.pfx", password: "pfx-password-123" });
+    const error = configError(() => loadSendConfig({ ...complete, KEY_VAULT_URL: "" }));
+    assert.deepEqual(error.settings, ["KEY_VAULT_URL"]);
+  });
+
+  it("storage-only commands need only storage settings", () => {
+    assert.equal(loadStorageConfig({ AzureWebJobsStorage: "UseDevelopmentStorage=true", MAIL_QUEUE: "mail" }).poisonQueueName, "mail-poison");
+    assert.deepEqual(configError(() => loadStorageConfig({ AzureWebJobsStorage: "x", MAIL_QUEUE: "Bad_Name" })).settings, ["MAIL_QUEUE"]);
+  });
+
+  it("reads local.settings.json Values, and the environment wins", () => {
+    const dir = mkdtempSync(join(tmpdir(), "qm-settings-"));
+    try {
+      writeFileSync(join(dir, "local.settings.json"), JSON.stringify({ Values: { MAIL_QUEUE: "from-file", SMTP_USER: "file@contoso.com" } }));
+      const settings = readSettings(dir, { MAIL_QUEUE: "from-env" });
+      assert.equal(settings["MAIL_QUEUE"], "from-env");
+      assert.equal(settings["SMTP_USER"], "file@contoso.com");
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("every declared setting is in local.settings.sample.json", async () => {
+    const sample = JSON.parse((await import("node:fs")).readFileSync("local.settings.sample.json", "utf8")) as { Values: Record<string, string> };
+    const missing = settingSpecs.map((s) => s.name).filter((name) => !(name in sample.Values) && name !== "AzureWebJobsStorage__queueServiceUri");
+    assert.deepEqual(missing, []);
+  });
+});
+
+describe("queue-mailer CLI without settings", () => {
+  const bin = fileURLToPath(new URL("../bin/queue-mailer.js", import.meta.url));
+  const run = (args: string[], cwd: string) =>
+    spawnSync(process.execPath, [bin, ...args], { cwd, encoding: "utf8", env: { PATH: process.env["PATH"] ?? "" }, timeout: 60_000 });
+
+  it("--help works with no settings at all", () => {
+    const dir = mkdtempSync(join(tmpdir(), "qm-cli-"));
+    try {
+      const result = run(["--help"], dir);
+      assert.equal(result.status, 0, result.stderr);
+      assert.match(result.stdout, /queue-mailer worker \[--drain\]/);
+      assert.match(result.stdout, /queue-mailer enqueue/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it("worker names each missing setting and exits non-zero before touching the queue", () => {
+    const dir = mkdtempSync(join(tmpdir(), "qm-cli-"));
+    try {
+      const result = run(["worker"], dir);
+      assert.equal(result.status, 2);
+      for (const setting of ["AzureWebJobsStorage", "CLIENT_ID", "TENANT_ID", "KEY_VAULT_URL", "SMTP_USER"]) {
+        assert.match(result.stderr, new RegExp(`${setting}: is not set`));
+      }
+      assert.match(result.stderr, /CONFIG_INVALID/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});

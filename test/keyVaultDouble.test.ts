@@ -1,0 +1,310 @@
+// The Key Vault test double, driven through the real Azure SDK clients: DefaultAzureCredential
+// (EnvironmentCredential → MSAL → POST /<tenant>/oauth2/v2.0/token), CertificateClient and
+// SecretClient, all reaching the double through HTTPS_PROXY. Run with
+// NODE_EXTRA_CA_CERTS=.test-ca/ca.pem (the double's certificate is issued by that CA).
+import { after, before, describe, it } from "node:test";
+import assert from "node:assert/strict";
+import { createHash, createPrivateKey, X509Certificate } from "node:crypto";
+import { execFile } from "node:child_process";
+import { realpathSync } from "node:fs";
+import { request as httpRequest } from "node:http";
+import { createServer as createNetServer } from "node:net";
+import type { AddressInfo, Socket } from "node:net";
+import forge from "node-forge";
+import { ClientSecretCredential, DefaultAzureCredential } from "@azure/identity";
+import { CertificateClient } from "@azure/keyvault-certificates";
+import { SecretClient } from "@azure/keyvault-secrets";
+import { certificateDer, issueCertificate } from "../cli/local/devCertificates.js";
+import type { CertificateAndKey } from "../cli/local/devCertificates.js";
+import { startKeyVaultDouble } from "./support/keyVaultDouble.js";
+import type { KeyVaultDouble } from "./support/keyVaultDouble.js";
+
+interface RestErrorLike {
+  name: string;
+  statusCode?: number;
+  code?: string;
+  message: string;
+}
+
+/** assert.rejects validator for the SDK's RestError (not imported: @azure/core-rest-pipeline is transitive). */
+function restError(statusCode: number, code?: string, messagePart?: string): (error: unknown) => boolean {
+  return (error: unknown) => {
+    const e = error as RestErrorLike;
+    assert.equal(e.name, "RestError", `expected a RestError, got ${String(error)}`);
+    assert.equal(e.statusCode, statusCode);
+    if (code !== undefined) assert.equal(e.code, code);
+    if (messagePart !== undefined) assert.match(e.message, new RegExp(messagePart));
+    return true;
+  };
+}
+
+function sha1Base64Url(der: Buffer): string {
+  return createHash("sha1").update(der).digest("base64url");
+}
+
+/** Certificates and keys inside a base64 PFX with an empty password (node-forge: Node cannot read PKCS#12). */
+function readPfx(base64: string): { certificates: X509Certificate[]; privateKeyPems: string[] } {
+  const asn1 = forge.asn1.fromDer(forge.util.decode64(base64));
+  const pfx = forge.pkcs12.pkcs12FromAsn1(asn1, "");
+  const certBags = pfx.getBags({ bagType: forge.pki.oids.certBag! })[forge.pki.oids.certBag!] ?? [];
+  const keyBags = pfx.getBags({ bagType: forge.pki.oids.pkcs8ShroudedKeyBag! })[forge.pki.oids.pkcs8ShroudedKeyBag!] ?? [];
+  return {
+    certificates: certBags.map((bag) => new X509Certificate(forge.pki.certificateToPem(bag.cert!))),
+    privateKeyPems: keyBags.map((bag) => forge.pki.privateKeyToPem(bag.key!)),
+  };
+}
+
+describe("Key Vault test double through the real Azure SDK", () => {
+  let double: KeyVaultDouble;
+  let restoreEnv: () => void;
+  let credential: DefaultAzureCredential;
+  let certificates: CertificateClient;
+  let secrets: SecretClient;
+  let pfxPair: CertificateAndKey;
+  let pemPair: CertificateAndKey;
+  let pfxVersion: string;
+
+  before(async () => {
+    double = await startKeyVaultDouble();
+    // NO_PROXY is read once per process by the SDK, HTTPS_PROXY when a client or credential is
+    // constructed: apply the env before constructing anything.
+    restoreEnv = double.applyEnv();
+    credential = new DefaultAzureCredential();
+    certificates = new CertificateClient(double.vaultUrl, credential);
+    secrets = new SecretClient(double.vaultUrl, credential);
+    pfxPair = issueCertificate({ commonName: "queue-mailer sender (pfx)" });
+    pemPair = issueCertificate({ commonName: "queue-mailer sender (pem)" });
+    pfxVersion = double.putCertificate("mailer-pfx", pfxPair);
+    double.putCertificate("mailer-pem", { ...pemPair, contentType: "application/x-pem-file" });
+    double.putCertificate("mailer-locked", { ...issueCertificate({ commonName: "non-exportable" }), exportable: false });
+  });
+
+  after(async () => {
+    await double?.close();
+    restoreEnv?.();
+  });
+
+  it("exposes the env a process needs", () => {
+    assert.match(double.vaultUrl, /^https:\/\/[a-z0-9-]+\.vault\.azure\.net$/);
+    assert.equal(double.env.KEY_VAULT_URL, double.vaultUrl);
+    assert.equal(double.env.HTTPS_PROXY, double.proxyUrl);
+    assert.match(double.proxyUrl, /^http:\/\/127\.0\.0\.1:\d+$/);
+    assert.equal(double.env.NO_PROXY, "127.0.0.1,localhost");
+    assert.equal(double.env.AZURE_TOKEN_CREDENTIALS, "EnvironmentCredential");
+    assert.equal(process.env.AZURE_TENANT_ID, double.tenantId);
+    assert.equal(process.env.AZURE_CLIENT_ID, double.clientId);
+    assert.equal(process.env.AZURE_CLIENT_SECRET, double.clientSecret);
+    assert.equal(process.env.AZURE_REGIONAL_AUTHORITY_NAME, undefined);
+    assert.equal(realpathSync(double.env.NODE_EXTRA_CA_CERTS!), realpathSync(".test-ca/ca.pem"));
+  });
+
+  it("serves a PKCS#12 certificate: cer is the DER, the secret is the PFX with the key", async () => {
+    const der = certificateDer(pfxPair.certificatePem);
+    const certificate = await certificates.getCertificate("mailer-pfx");
+    assert.deepEqual(Buffer.from(certificate.cer!), der);
+    assert.equal(certificate.name, "mailer-pfx");
+    assert.equal(certificate.properties.version, pfxVersion);
+    assert.equal(certificate.properties.id, `${double.vaultUrl}/certificates/mailer-pfx/${pfxVersion}`);
+    assert.equal(certificate.secretId, `${double.vaultUrl}/secrets/mailer-pfx/${pfxVersion}`);
+    assert.equal(certificate.keyId, `${double.vaultUrl}/keys/mailer-pfx/${pfxVersion}`);
+    assert.equal(Buffer.from(certificate.properties.x509Thumbprint!).toString("base64url"), sha1Base64Url(der));
+    assert.equal(certificate.properties.enabled, true);
+    const x509 = new X509Certificate(der);
+    assert.equal(certificate.properties.expiresOn?.getTime(), Math.floor(new Date(x509.validTo).getTime() / 1000) * 1000);
+    assert.equal(certificate.policy?.contentType, "application/x-pkcs12");
+    assert.equal(certificate.policy?.exportable, true);
+
+    const secret = await secrets.getSecret("mailer-pfx");
+    assert.equal(secret.properties.contentType, "application/x-pkcs12");
+    assert.equal(secret.properties.managed, true);
+    assert.equal(secret.properties.version, pfxVersion);
+    assert.equal(secret.properties.certificateKeyId, `${double.vaultUrl}/keys/mailer-pfx/${pfxVersion}`);
+    const pfx = readPfx(secret.value!);
+    assert.equal(pfx.certificates.length, 1);
+    assert.deepEqual(pfx.certificates[0]!.raw, der);
+    assert.equal(pfx.privateKeyPems.length, 1);
+    assert.ok(pfx.certificates[0]!.checkPrivateKey(createPrivateKey(pfx.privateKeyPems[0]!)));
+  });
+
+  it("serves a PEM certificate: the secret is private key + certificate", async () => {
+    const certificate = await certificates.getCertificate("mailer-pem");
+    assert.deepEqual(Buffer.from(certificate.cer!), certificateDer(pemPair.certificatePem));
+    assert.equal(certificate.policy?.contentType, "application/x-pem-file");
+
+    const secret = await secrets.getSecret("mailer-pem");
+    assert.equal(secret.properties.contentType, "application/x-pem-file");
+    const value = secret.value!;
+    assert.ok(value.includes(pemPair.privateKeyPem.trim()));
+    assert.ok(value.includes(pemPair.certificatePem.trim()));
+    assert.ok(value.indexOf("PRIVATE KEY") < value.indexOf("BEGIN CERTIFICATE"), "key first, then certificate");
+    const x509 = new X509Certificate(value.slice(value.indexOf("-----BEGIN CERTIFICATE-----")));
+    assert.ok(x509.checkPrivateKey(createPrivateKey(value)));
+  });
+
+  it("gets one token for both clients; each client answers one challenge", () => {
+    assert.equal(double.counts.tokenRequests, 1);
+    assert.equal(double.counts.challenges, 2);
+    assert.equal(double.counts.certificateGets, 2);
+    assert.equal(double.counts.secretGets, 2);
+    const tokenPosts = double.requests.filter((r) => r.host === "login.microsoftonline.com");
+    assert.deepEqual(tokenPosts.map((r) => `${r.method} ${r.path} ${r.status}`), [`POST /${double.tenantId}/oauth2/v2.0/token 200`]);
+    assert.equal(double.requests.filter((r) => r.status === 401).length, 2);
+    assert.deepEqual(double.refused, [], "nothing tried to leave through the proxy");
+  });
+
+  it("has no secret for a non-exportable certificate (404), but its certificate is readable", async () => {
+    const certificate = await certificates.getCertificate("mailer-locked");
+    assert.equal(certificate.policy?.exportable, false);
+    assert.ok(certificate.cer && certificate.cer.length > 0);
+    await assert.rejects(secrets.getSecret("mailer-locked"), restError(404, "SecretNotFound"));
+  });
+
+  it("answers 404 CertificateNotFound / SecretNotFound for unknown names and versions", async () => {
+    await assert.rejects(certificates.getCertificate("nope"), restError(404, "CertificateNotFound", "nope"));
+    await assert.rejects(secrets.getSecret("nope"), restError(404, "SecretNotFound", "nope"));
+    await assert.rejects(
+      certificates.getCertificateVersion("mailer-pfx", "0".repeat(32)),
+      restError(404, "CertificateNotFound"),
+    );
+  });
+
+  it("makes the newest version current and keeps older versions addressable", async () => {
+    const next = issueCertificate({ commonName: "queue-mailer sender (rotated)" });
+    const nextVersion = double.putCertificate("mailer-pfx", next);
+    assert.notEqual(nextVersion, pfxVersion);
+    const current = await certificates.getCertificate("mailer-pfx");
+    assert.equal(current.properties.version, nextVersion);
+    assert.deepEqual(Buffer.from(current.cer!), certificateDer(next.certificatePem));
+    const old = await certificates.getCertificateVersion("mailer-pfx", pfxVersion);
+    assert.deepEqual(Buffer.from(old.cer!), certificateDer(pfxPair.certificatePem));
+    const oldSecret = await secrets.getSecret("mailer-pfx", { version: pfxVersion });
+    assert.deepEqual(readPfx(oldSecret.value!).certificates[0]!.raw, certificateDer(pfxPair.certificatePem));
+
+    const versions: string[] = [];
+    for await (const properties of certificates.listPropertiesOfCertificateVersions("mailer-pfx")) versions.push(properties.version!);
+    assert.deepEqual(versions.sort(), [pfxVersion, nextVersion].sort());
+  });
+
+  it("lists certificates and secrets, including certificate-backed and plain secrets", async () => {
+    double.putSecret("smtp-password", "hunter2", { contentType: "text/plain" });
+    const certificateNames: string[] = [];
+    for await (const properties of certificates.listPropertiesOfCertificates()) certificateNames.push(properties.name!);
+    assert.deepEqual(certificateNames.sort(), ["mailer-locked", "mailer-pem", "mailer-pfx"]);
+
+    const secretNames = new Map<string, boolean | undefined>();
+    for await (const properties of secrets.listPropertiesOfSecrets()) secretNames.set(properties.name, properties.managed);
+    assert.deepEqual([...secretNames.keys()].sort(), ["mailer-locked", "mailer-pem", "mailer-pfx", "smtp-password"]);
+    assert.equal(secretNames.get("mailer-pfx"), true);
+    assert.notEqual(secretNames.get("smtp-password"), true);
+
+    const plain = await secrets.getSecret("smtp-password");
+    assert.equal(plain.value, "hunter2");
+    assert.equal(plain.properties.contentType, "text/plain");
+    assert.equal(plain.properties.managed, undefined);
+  });
+
+  it("refuses a disabled secret with 403 SecretDisabled", async () => {
+    double.putSecret("old-password", "x", { enabled: false });
+    await assert.rejects(secrets.getSecret("old-password"), restError(403, "Forbidden", "disabled secret"));
+  });
+
+  it("failNext(1, 403) makes the next vault call fail like a missing permission, then recovers", async () => {
+    double.failNext(1, 403);
+    await assert.rejects(secrets.getSecret("mailer-pem"), restError(403, "Forbidden", "does not have secrets get permission"));
+    const secret = await secrets.getSecret("mailer-pem");
+    assert.equal(secret.properties.contentType, "application/x-pem-file");
+  });
+
+  it("failNext(1, 429) with Retry-After is retried by the SDK's throttling policy", async () => {
+    double.resetCounts();
+    double.failNext(1, 429, undefined, { "Retry-After": "0" });
+    const certificate = await certificates.getCertificate("mailer-pem");
+    assert.deepEqual(Buffer.from(certificate.cer!), certificateDer(pemPair.certificatePem));
+    assert.deepEqual(
+      double.requests.map((r) => `${r.status} ${r.method} ${r.path}`),
+      ["429 GET /certificates/mailer-pem/", "200 GET /certificates/mailer-pem/"],
+    );
+    assert.equal(double.counts.certificateGets, 2);
+    assert.equal(double.counts.tokenRequests, 0, "the cached token is reused");
+    assert.equal(double.counts.challenges, 0);
+  });
+
+  it("rejects a wrong client secret at the token endpoint (401 invalid_client)", async () => {
+    double.resetCounts();
+    const wrong = new ClientSecretCredential(double.tenantId, double.clientId, "not-the-secret");
+    // identity 4.13 / msal-node 5 surface Entra's invalid_client as AuthenticationRequiredError
+    // (no statusCode); the AADSTS code from the response is in the message.
+    await assert.rejects(wrong.getToken("https://vault.azure.net/.default"), (error: unknown) => {
+      assert.match((error as Error).name, /^Authentication(Required)?Error$/);
+      assert.match((error as Error).message, /invalid_client.*AADSTS7000215/s);
+      return true;
+    });
+    assert.deepEqual(double.requests.map((r) => r.status), [401]);
+    assert.equal(double.counts.tokenRequests, 1);
+  });
+
+  it("the proxy refuses every other destination with 403", async () => {
+    const status = await new Promise<number>((resolve, reject) => {
+      const proxy = new URL(double.proxyUrl);
+      const req = httpRequest({ host: proxy.hostname, port: Number(proxy.port), method: "CONNECT", path: "example.com:443" });
+      req.on("connect", (res, socket: Socket) => {
+        socket.destroy();
+        resolve(res.statusCode ?? 0);
+      });
+      req.on("error", reject);
+      req.end();
+    });
+    assert.equal(status, 403);
+    assert.ok(double.refused.includes("example.com:443"));
+  });
+
+  it("HTTPS_PROXY is read when a client is constructed, not per request", async () => {
+    // A decoy proxy that records the CONNECT line and refuses it.
+    const seen: string[] = [];
+    const decoy = createNetServer((socket) => {
+      socket.once("data", (data: Buffer) => {
+        seen.push(data.toString("latin1").split("\r\n")[0]!);
+        socket.end("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+      });
+      socket.on("error", () => socket.destroy());
+    });
+    await new Promise<void>((resolve) => decoy.listen(0, "127.0.0.1", resolve));
+    try {
+      process.env.HTTPS_PROXY = `http://127.0.0.1:${(decoy.address() as AddressInfo).port}`;
+      const builtWithDecoy = new SecretClient(double.vaultUrl, credential);
+      process.env.HTTPS_PROXY = double.proxyUrl;
+      await assert.rejects(builtWithDecoy.getSecret("mailer-pem"));
+      assert.deepEqual(seen, [`CONNECT ${double.vaultName}.vault.azure.net:443 HTTP/1.1`]);
+
+      const builtWithDouble = new SecretClient(double.vaultUrl, credential);
+      assert.equal((await builtWithDouble.getSecret("smtp-password")).value, "hunter2");
+      assert.equal(seen.length, 1);
+    } finally {
+      process.env.HTTPS_PROXY = double.proxyUrl;
+      await new Promise<void>((resolve) => decoy.close(() => resolve()));
+    }
+  });
+
+  it("env is all a child process needs to read the vault through the SDK", async () => {
+    double.resetCounts();
+    const script = [
+      'import { DefaultAzureCredential } from "@azure/identity";',
+      'import { SecretClient } from "@azure/keyvault-secrets";',
+      "const client = new SecretClient(process.env.KEY_VAULT_URL, new DefaultAzureCredential());",
+      'const secret = await client.getSecret("smtp-password");',
+      "process.stdout.write(JSON.stringify({ value: secret.value, contentType: secret.properties.contentType }));",
+    ].join("\n");
+    const childEnv: NodeJS.ProcessEnv = { ...process.env, ...double.env };
+    delete childEnv.NODE_TEST_CONTEXT; // otherwise the child talks the test runner's protocol
+    const stdout = await new Promise<string>((resolve, reject) => {
+      execFile(process.execPath, ["--input-type=module", "-e", script], { env: childEnv, timeout: 30_000 }, (error, out, err) =>
+        error ? reject(new Error(`${error.message}\n${err}`)) : resolve(out),
+      );
+    });
+    assert.deepEqual(JSON.parse(stdout), { value: "hunter2", contentType: "text/plain" });
+    assert.equal(double.counts.tokenRequests, 1);
+    assert.equal(double.counts.challenges, 1);
+    assert.equal(double.counts.secretGets, 1);
+    assert.deepEqual(double.refused, []);
+  });
+});

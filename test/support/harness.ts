@@ -1,0 +1,31 @@
+// Test plumbing shared by the end-to-end tests: a logger that captures records, and a helper that
+// runs the real worker over the real queue until it drains.
+import { loadSendConfig, type Env } from "../../shared/config.js";
+import { jsonLineLogger, type Logger } from "../../shared/log.js";
+import { createMailer, type Mailer } from "../../shared/mailer.js";
+import { runWorker, type WorkerSummary } from "../../cli/worker.js";
+
+export interface CapturedLogger extends Logger {
+  lines: string[];
+}
+
+export function capturingLogger(): CapturedLogger {
+  const lines: string[] = [];
+  return Object.assign(jsonLineLogger((line) => lines.push(line), "debug"), { lines });
+}
+
+export async function drain(env: Env, logger: CapturedLogger, mailer: Mailer = createMailer(loadSendConfig(env), logger)): Promise<WorkerSummary & { mailer: Mailer }> {
+  try {
+    const summary = await runWorker({ mailer, logger, drain: true, maxPollIntervalMs: 200 });
+    return { ...summary, mailer };
+  } finally {
+    await mailer.close();
+  }
+}
+
+/** Poison queue entries, decoded. */
+export async function readPoison(mailer: Mailer): Promise<Array<{ reason: { code: string; message: string; response?: string }; attempts: number; failedAt: string; original: string }>> {
+  const { poison } = await mailer.queues();
+  const peeked = await poison.peekMessages({ numberOfMessages: 32 });
+  return peeked.peekedMessageItems.map((item) => JSON.parse(Buffer.from(item.messageText, "base64").toString("utf8")));
+}
