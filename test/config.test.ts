@@ -123,3 +123,11 @@ describe("queue-mailer CLI without settings", () => {
     }
   });
 });
+
+describe("documentation", () => {
+  it("the README settings table is generated from shared/config.ts", async () => {
+    const { readmeTable, settingsTable } = await import("../scripts/settingsTable.js");
+    const readme = (await import("node:fs")).readFileSync("README.md", "utf8");
+    assert.equal(readmeTable(readme), settingsTable(), "run: node --import tsx scripts/settingsTable.ts --write");
+  });
+});
