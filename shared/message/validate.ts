@@ -61,8 +61,8 @@ function checkHeaderText(field: string, value: string, allowTab = false): void {
   }
 }
 
-function requireString(object: Record<string, unknown>, field: string): string | undefined {
-  const value = object[field];
+function requireString(object: Record<string, unknown>, key: string, field = key): string | undefined {
+  const value = object[key];
   if (value === undefined) return undefined;
   if (typeof value !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be a string, got ${describe(value)}`, field);
   return value;
@@ -145,7 +145,7 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
     if (typeof raw !== "object" || raw === null || Array.isArray(raw)) throw new MessageError("MESSAGE_INVALID_TYPE", `headers must be an object of strings, got ${describe(raw)}`, "headers");
     for (const [name, value] of Object.entries(raw)) {
       const field = `headers[${JSON.stringify(name.slice(0, 64))}]`;
-      if (!headerName.test(name)) throw new MessageError("MESSAGE_INVALID_HEADER", `${field}: a header name is printable ASCII without spaces or colons`, field);
+      if (!headerName.test(name) || name === "__proto__") throw new MessageError("MESSAGE_INVALID_HEADER", `${field}: a header name is printable ASCII without spaces or colons`, field);
       if (structuralHeaders.has(name.toLowerCase())) throw new MessageError("MESSAGE_FORBIDDEN_HEADER", `${field}: ${name} is set from the message fields, not from headers`, field);
       if (typeof value !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", `${field} must be a string, got ${describe(value)}`, field);
       checkHeaderText(field, value, true);
@@ -164,11 +164,13 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
       for (const key of Object.keys(attachment)) {
         if (!attachmentFields.has(key)) throw new MessageError("MESSAGE_UNKNOWN_FIELD", `${field}: unknown field ${JSON.stringify(key.slice(0, 64))}`, `${field}.${key}`);
       }
-      const filename = requireString(attachment, "filename");
-      const content = requireString(attachment, "content");
-      const contentType = requireString(attachment, "contentType");
+      const filename = requireString(attachment, "filename", `${field}.filename`);
+      const content = requireString(attachment, "content", `${field}.content`);
+      const contentType = requireString(attachment, "contentType", `${field}.contentType`);
       if (filename === undefined || filename.length === 0) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.filename is required`, `${field}.filename`);
       if (content === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.content is required (base64)`, `${field}.content`);
+      if (filename.length > 255) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `${field}.filename must be at most 255 characters, got ${filename.length}`, `${field}.filename`);
+      if (contentType !== undefined && contentType.length < 3) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `${field}.contentType must be at least 3 characters (e.g. text/plain)`, `${field}.contentType`);
       checkHeaderText(`${field}.filename`, filename);
       if (contentType !== undefined) checkHeaderText(`${field}.contentType`, contentType);
       const compact = content.replace(/\s+/g, "");
