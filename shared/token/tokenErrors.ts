@@ -24,7 +24,8 @@ interface TokenErrorBody {
 export function tokenResponseError(status: number, bodyText: string, retryAfterHeader: string | null, tokenUrl: string): MailerError {
   let body: TokenErrorBody = {};
   try {
-    body = JSON.parse(bodyText) as TokenErrorBody;
+    const parsed: unknown = JSON.parse(bodyText);
+    if (parsed && typeof parsed === "object") body = parsed as TokenErrorBody;
   } catch {
     // Not JSON (a proxy's HTML page, say): keep the text as the response.
   }

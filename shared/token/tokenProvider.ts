@@ -64,6 +64,7 @@ export class TokenProvider {
     this.stats.requests += 1;
     const started = this.now();
     let response: Response;
+    let text: string;
     try {
       response = await fetch(tokenUrl, {
         method: "POST",
@@ -71,11 +72,12 @@ export class TokenProvider {
         body,
         signal: AbortSignal.timeout(this.options.timeoutMs ?? 15_000),
       });
+      // The body can stall or break too: same classification as a failed connection.
+      text = await response.text();
     } catch (error) {
       this.stats.failures += 1;
       throw tokenNetworkError(error, tokenUrl);
     }
-    const text = await response.text();
     if (!response.ok) {
       this.stats.failures += 1;
       const error = tokenResponseError(response.status, text, response.headers.get("retry-after"), tokenUrl);
