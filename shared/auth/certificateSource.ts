@@ -81,32 +81,47 @@ function keyVaultError(error: unknown, what: string, vaultUrl: string, name: str
   });
 }
 
+/** How often a cached Key Vault certificate is checked for a newer version (at the next token request). */
+export const RENEWAL_CHECK_SECONDS = 30 * 60;
+
 /**
  * The certificate through the certificates API (public part, current version) and its private key
  * through the secrets API under the same name and version: that is where Key Vault keeps an
  * exportable certificate's key, as PKCS#12 (default) or PEM depending on the certificate policy.
+ * Read once; afterwards, at most every `renewalCheckSeconds`, one metadata read tells whether a
+ * renewed version appeared, and only then is the new key read.
  */
-export function keyVaultCertificateSource(vaultUrl: string, name: string, logger: Logger, credential?: TokenCredential): CertificateSource {
+export function keyVaultCertificateSource(
+  vaultUrl: string,
+  name: string,
+  logger: Logger,
+  options: { credential?: TokenCredential; renewalCheckSeconds?: number; now?: () => number } = {},
+): CertificateSource {
+  const now = options.now ?? Date.now;
+  const checkEveryMs = (options.renewalCheckSeconds ?? RENEWAL_CHECK_SECONDS) * 1000;
   let clients: Promise<{ certificates: import("@azure/keyvault-certificates").CertificateClient; secrets: import("@azure/keyvault-secrets").SecretClient }> | undefined;
   const getClients = () =>
     (clients ??= (async () => {
       const [{ CertificateClient }, { SecretClient }] = await Promise.all([import("@azure/keyvault-certificates"), import("@azure/keyvault-secrets")]);
-      const tokenCredential = credential ?? (await azureCredential());
+      const tokenCredential = options.credential ?? (await azureCredential());
       return { certificates: new CertificateClient(vaultUrl, tokenCredential), secrets: new SecretClient(vaultUrl, tokenCredential) };
     })());
 
-  return cachedSource(async () => {
-    const { certificates, secrets } = await getClients();
-    let version: string | undefined;
+  async function currentVersion(): Promise<string | undefined> {
+    const { certificates } = await getClients();
     try {
       const certificate = await certificates.getCertificate(name);
-      version = certificate.properties.version;
       if (certificate.properties.enabled === false) {
         throw new MailerError("KEYVAULT_CERT_DISABLED", `Key Vault certificate "${name}" is disabled`, { kind: "config", hint: "Enable it or set CERT_NAME to the current certificate." });
       }
+      return certificate.properties.version;
     } catch (error) {
       throw error instanceof MailerError ? error : keyVaultError(error, "certificate", vaultUrl, name);
     }
+  }
+
+  async function readVersion(version: string | undefined): Promise<SigningCertificate> {
+    const { secrets } = await getClients();
     let secret: import("@azure/keyvault-secrets").KeyVaultSecret;
     try {
       secret = await secrets.getSecret(name, version === undefined ? {} : { version });
@@ -121,7 +136,35 @@ export function keyVaultCertificateSource(vaultUrl: string, name: string, logger
       : parsePkcs12(Buffer.from(value, "base64"), source, "");
     logger.log("info", "certificate.loaded", { source, contentType: contentType || "unknown", thumbprintSha256: parsed.thumbprintSha256, notAfter: parsed.notAfter.toISOString() });
     return parsed;
-  });
+  }
+
+  let cached: { signing: SigningCertificate; version: string | undefined; checkedAt: number } | undefined;
+  let pending: Promise<SigningCertificate> | undefined;
+
+  async function refresh(): Promise<SigningCertificate> {
+    if (cached && now() - cached.checkedAt < checkEveryMs) return cached.signing;
+    const version = await currentVersion();
+    if (cached && version === cached.version) {
+      cached.checkedAt = now();
+      return cached.signing;
+    }
+    if (cached) logger.log("info", "certificate.renewed", { name, previousVersion: cached.version, version });
+    const signing = await readVersion(version);
+    cached = { signing, version, checkedAt: now() };
+    return signing;
+  }
+
+  return {
+    load() {
+      pending ??= refresh().finally(() => {
+        pending = undefined;
+      });
+      return pending;
+    },
+    invalidate() {
+      cached = undefined;
+    },
+  };
 }
 
 export function certificateSourceFor(location: CertificateLocation, logger: Logger): CertificateSource {
