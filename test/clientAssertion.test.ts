@@ -15,7 +15,7 @@ import { fileCertificateSource } from "../shared/auth/certificateSource.js";
 import { ASSERTION_LIFETIME_SECONDS, createClientAssertion } from "../shared/auth/clientAssertion.js";
 import { parseCertificateFile, parsePemBundle, parsePkcs12 } from "../shared/auth/signingCertificate.js";
 import type { SigningCertificate } from "../shared/auth/signingCertificate.js";
-import { MailerError } from "../shared/errors.js";
+import { rejectionOf, thrownBy } from "./support/harness.js";
 
 const clientId = "00000000-aaaa-bbbb-cccc-000000000001";
 const tokenUrl = "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token";
@@ -61,27 +61,6 @@ function assertIsCertificate(signing: SigningCertificate, pair: CertificateAndKe
     signing.privateKey.export({ type: "pkcs8", format: "pem" }),
     createPrivateKey(pair.privateKeyPem).export({ type: "pkcs8", format: "pem" }),
   );
-}
-
-/** Run `f`, which must throw a MailerError; return it. */
-function thrown(f: () => unknown): MailerError {
-  try {
-    f();
-  } catch (error) {
-    assert.ok(error instanceof MailerError, `expected a MailerError, got ${String(error)}`);
-    return error;
-  }
-  assert.fail("expected an error");
-}
-
-async function rejected(promise: Promise<unknown>): Promise<MailerError> {
-  try {
-    await promise;
-  } catch (error) {
-    assert.ok(error instanceof MailerError, `expected a MailerError, got ${String(error)}`);
-    return error;
-  }
-  assert.fail("expected a rejection");
 }
 
 function encryptedPkcs8(pair: CertificateAndKey, passphrase: string): string {
@@ -130,21 +109,21 @@ describe("signing certificate: PEM", () => {
     const legacy = createPrivateKey(client.privateKeyPem).export({ type: "pkcs1", format: "pem", cipher: "aes-256-cbc", passphrase: "legacy pass" }) as string;
     assert.match(legacy, /Proc-Type: 4,ENCRYPTED/);
     assertIsCertificate(parsePemBundle(legacy + client.certificatePem, "legacy.pem", "legacy pass"), client, "legacy.pem");
-    const error = thrown(() => parsePemBundle(legacy + client.certificatePem, "legacy.pem"));
+    const error = thrownBy(() => parsePemBundle(legacy + client.certificatePem, "legacy.pem"));
     assert.equal(error.code, "CERT_BAD_PASSWORD");
   });
 
   it("an encrypted key without a passphrase or with a wrong one → CERT_BAD_PASSWORD (config)", () => {
     const encrypted = encryptedPkcs8(client, "correct horse");
     for (const password of [undefined, "wrong horse", ""]) {
-      const error = thrown(() => parsePemBundle(client.certificatePem + encrypted, "enc.pem", password));
+      const error = thrownBy(() => parsePemBundle(client.certificatePem + encrypted, "enc.pem", password));
       assert.equal(error.code, "CERT_BAD_PASSWORD", `password ${String(password)}`);
       assert.equal(error.kind, "config");
       assert.match(error.message, /enc\.pem/);
       assert.match(error.hint ?? "", /CERT_PASSWORD/);
       assert.doesNotMatch(error.message, /correct horse|wrong horse/);
     }
-    assert.equal(thrown(() => parseCertificateFile(Buffer.from(client.certificatePem + encrypted), "enc.pem")).code, "CERT_BAD_PASSWORD");
+    assert.equal(thrownBy(() => parseCertificateFile(Buffer.from(client.certificatePem + encrypted), "enc.pem")).code, "CERT_BAD_PASSWORD");
   });
 
   it("a passphrase given for an unencrypted key is harmless", () => {
@@ -152,28 +131,28 @@ describe("signing certificate: PEM", () => {
   });
 
   it("no private key → CERT_NO_PRIVATE_KEY; no certificate → CERT_NO_CERTIFICATE", () => {
-    const noKey = thrown(() => parsePemBundle(client.certificatePem, "cert-only.pem"));
+    const noKey = thrownBy(() => parsePemBundle(client.certificatePem, "cert-only.pem"));
     assert.equal(noKey.code, "CERT_NO_PRIVATE_KEY");
     assert.equal(noKey.kind, "config");
     assert.match(noKey.message, /cert-only\.pem/);
-    assert.equal(thrown(() => parseCertificateFile(Buffer.from(ca.certificatePem + leaf.certificatePem), "chain-only.pem")).code, "CERT_NO_PRIVATE_KEY");
+    assert.equal(thrownBy(() => parseCertificateFile(Buffer.from(ca.certificatePem + leaf.certificatePem), "chain-only.pem")).code, "CERT_NO_PRIVATE_KEY");
 
-    const noCert = thrown(() => parsePemBundle(client.privateKeyPem, "key-only.pem"));
+    const noCert = thrownBy(() => parsePemBundle(client.privateKeyPem, "key-only.pem"));
     assert.equal(noCert.code, "CERT_NO_CERTIFICATE");
     assert.equal(noCert.kind, "config");
   });
 
   it("a key that belongs to another certificate → CERT_KEY_MISMATCH", () => {
-    const error = thrown(() => parsePemBundle(client.certificatePem + other.privateKeyPem, "mixed.pem"));
+    const error = thrownBy(() => parsePemBundle(client.certificatePem + other.privateKeyPem, "mixed.pem"));
     assert.equal(error.code, "CERT_KEY_MISMATCH");
     assert.equal(error.kind, "config");
     assert.match(error.message, /mixed\.pem/);
     // A chain without the key's own certificate.
-    assert.equal(thrown(() => parsePemBundle(ca.certificatePem + client.certificatePem + leaf.privateKeyPem, "chain.pem")).code, "CERT_KEY_MISMATCH");
+    assert.equal(thrownBy(() => parsePemBundle(ca.certificatePem + client.certificatePem + leaf.privateKeyPem, "chain.pem")).code, "CERT_KEY_MISMATCH");
   });
 
   it("errors never carry the key material", () => {
-    const error = thrown(() => parsePemBundle(client.certificatePem + other.privateKeyPem, "mixed.pem"));
+    const error = thrownBy(() => parsePemBundle(client.certificatePem + other.privateKeyPem, "mixed.pem"));
     const keyBody = other.privateKeyPem.split("\n")[1]!;
     for (const text of [error.message, error.hint ?? "", JSON.stringify(error.toJSON())]) {
       assert.doesNotMatch(text, /PRIVATE KEY/);
@@ -198,14 +177,14 @@ describe("signing certificate: PKCS#12", () => {
   it("a wrong PFX password (or none for a protected file) → CERT_BAD_PASSWORD (config)", () => {
     const pfx = toPkcs12(client, "pfx pass");
     for (const password of ["wrong pass", ""]) {
-      const error = thrown(() => parsePkcs12(pfx, "local.pfx", password));
+      const error = thrownBy(() => parsePkcs12(pfx, "local.pfx", password));
       assert.equal(error.code, "CERT_BAD_PASSWORD", `password "${password}"`);
       assert.equal(error.kind, "config");
       assert.match(error.hint ?? "", /CERT_PASSWORD/);
       assert.doesNotMatch(error.message, /wrong pass|pfx pass/);
     }
-    assert.equal(thrown(() => parseCertificateFile(pfx, "local.pfx")).code, "CERT_BAD_PASSWORD");
-    assert.equal(thrown(() => parsePkcs12(toPkcs12(client, ""), "kv.pfx", "unexpected")).code, "CERT_BAD_PASSWORD");
+    assert.equal(thrownBy(() => parseCertificateFile(pfx, "local.pfx")).code, "CERT_BAD_PASSWORD");
+    assert.equal(thrownBy(() => parsePkcs12(toPkcs12(client, ""), "kv.pfx", "unexpected")).code, "CERT_BAD_PASSWORD");
   });
 
   it("picks the leaf out of a PFX that carries the chain", () => {
@@ -214,15 +193,15 @@ describe("signing certificate: PKCS#12", () => {
   });
 
   it("a PFX without a key → CERT_NO_PRIVATE_KEY; with another certificate's key → CERT_KEY_MISMATCH", () => {
-    const noKey = thrown(() => parsePkcs12(pkcs12With(null, [client.certificatePem], ""), "public.pfx"));
+    const noKey = thrownBy(() => parsePkcs12(pkcs12With(null, [client.certificatePem], ""), "public.pfx"));
     assert.equal(noKey.code, "CERT_NO_PRIVATE_KEY");
     assert.equal(noKey.kind, "config");
-    const mismatch = thrown(() => parsePkcs12(pkcs12With(other.privateKeyPem, [client.certificatePem], ""), "mixed.pfx"));
+    const mismatch = thrownBy(() => parsePkcs12(pkcs12With(other.privateKeyPem, [client.certificatePem], ""), "mixed.pfx"));
     assert.equal(mismatch.code, "CERT_KEY_MISMATCH");
   });
 
   it("bytes that are neither PEM nor PKCS#12 → CERT_UNREADABLE_PKCS12", () => {
-    const error = thrown(() => parseCertificateFile(Buffer.from([0x30, 0x82, 0x00, 0x01, 0xff, 0x00, 0x13]), "junk.bin"));
+    const error = thrownBy(() => parseCertificateFile(Buffer.from([0x30, 0x82, 0x00, 0x01, 0xff, 0x00, 0x13]), "junk.bin"));
     assert.equal(error.code, "CERT_UNREADABLE_PKCS12");
     assert.equal(error.kind, "config");
   });
@@ -234,7 +213,7 @@ describe("fileCertificateSource", () => {
 
   it("a missing file → CERT_FILE_UNREADABLE, kind config, naming the path", async () => {
     const path = join(dir, "missing.pem");
-    const error = await rejected(fileCertificateSource(path).load());
+    const error = await rejectionOf(fileCertificateSource(path).load());
     assert.equal(error.code, "CERT_FILE_UNREADABLE");
     assert.equal(error.kind, "config");
     assert.ok(error.message.includes(path));
@@ -245,7 +224,7 @@ describe("fileCertificateSource", () => {
   it("does not cache a failed load", async () => {
     const path = join(dir, "later.pem");
     const source = fileCertificateSource(path);
-    assert.equal((await rejected(source.load())).code, "CERT_FILE_UNREADABLE");
+    assert.equal((await rejectionOf(source.load())).code, "CERT_FILE_UNREADABLE");
     writeFileSync(path, client.certificatePem + client.privateKeyPem);
     assertIsCertificate(await source.load(), client, path);
   });
@@ -253,7 +232,7 @@ describe("fileCertificateSource", () => {
   it("a file with a bad password fails the load with the parser's code", async () => {
     const path = join(dir, "protected.pfx");
     writeFileSync(path, toPkcs12(client, "pfx pass"));
-    assert.equal((await rejected(fileCertificateSource(path, "nope").load())).code, "CERT_BAD_PASSWORD");
+    assert.equal((await rejectionOf(fileCertificateSource(path, "nope").load())).code, "CERT_BAD_PASSWORD");
     assertIsCertificate(await fileCertificateSource(path, "pfx pass").load(), client, path);
   });
 

@@ -4,9 +4,8 @@ import assert from "node:assert/strict";
 import { after, before, beforeEach, describe, it } from "node:test";
 import { issueCertificate } from "../cli/local/devCertificates.js";
 import { keyVaultCertificateSource } from "../shared/auth/certificateSource.js";
-import { MailerError } from "../shared/errors.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "./support/keyVaultDouble.js";
-import { capturingLogger } from "./support/harness.js";
+import { capturingLogger, rejectionOf } from "./support/harness.js";
 
 let kv: KeyVaultDouble;
 let restoreEnv: () => void;
@@ -22,16 +21,6 @@ after(async () => {
   await kv.close();
 });
 beforeEach(() => kv.resetCounts());
-
-async function codeOf(promise: Promise<unknown>): Promise<MailerError> {
-  try {
-    await promise;
-  } catch (error) {
-    assert.ok(error instanceof MailerError, String(error));
-    return error;
-  }
-  assert.fail("expected a MailerError");
-}
 
 describe("Key Vault certificate source", () => {
   it("reads certificate and key once, checks for a renewal with one metadata read, and picks the new version up", async () => {
@@ -67,20 +56,20 @@ describe("Key Vault certificate source", () => {
 
   it("names the setup problem: missing certificate, non-exportable key, disabled, access denied", async () => {
     const logger = capturingLogger();
-    const missing = await codeOf(keyVaultCertificateSource(kv.vaultUrl, "nope", logger).load());
+    const missing = await rejectionOf(keyVaultCertificateSource(kv.vaultUrl, "nope", logger).load());
     assert.deepEqual({ code: missing.code, kind: missing.kind }, { code: "KEYVAULT_NOT_FOUND", kind: "config" });
 
     kv.putCertificate("locked", { ...first, exportable: false });
-    const locked = await codeOf(keyVaultCertificateSource(kv.vaultUrl, "locked", logger).load());
+    const locked = await rejectionOf(keyVaultCertificateSource(kv.vaultUrl, "locked", logger).load());
     assert.equal(locked.code, "KEYVAULT_NOT_FOUND");
     assert.match(locked.message, /exportable/);
 
     kv.putCertificate("off", { ...first, enabled: false });
-    assert.equal((await codeOf(keyVaultCertificateSource(kv.vaultUrl, "off", logger).load())).code, "KEYVAULT_CERT_DISABLED");
+    assert.equal((await rejectionOf(keyVaultCertificateSource(kv.vaultUrl, "off", logger).load())).code, "KEYVAULT_CERT_DISABLED");
 
     kv.putCertificate("guarded", { ...first });
     kv.failNext(1, 403);
-    const denied = await codeOf(keyVaultCertificateSource(kv.vaultUrl, "guarded", logger).load());
+    const denied = await rejectionOf(keyVaultCertificateSource(kv.vaultUrl, "guarded", logger).load());
     assert.deepEqual({ code: denied.code, kind: denied.kind }, { code: "KEYVAULT_ACCESS_DENIED", kind: "config" });
     assert.match(denied.hint ?? "", /Key Vault Certificate User/);
   });

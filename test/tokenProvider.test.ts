@@ -17,7 +17,7 @@ import { fileCertificateSource } from "../shared/auth/certificateSource.js";
 import { certificateCredential } from "../shared/auth/credentialSource.js";
 import type { CredentialSource } from "../shared/auth/credentialSource.js";
 import type { AssertionAlg, AuthConfig } from "../shared/config.js";
-import { MailerError } from "../shared/errors.js";
+import { rejectionOf } from "./support/harness.js";
 import { jsonLineLogger } from "../shared/log.js";
 import { TokenProvider } from "../shared/token/tokenProvider.js";
 import type { AccessToken, TokenProviderOptions } from "../shared/token/tokenProvider.js";
@@ -25,16 +25,6 @@ import type { AccessToken, TokenProviderOptions } from "../shared/token/tokenPro
 const clientId = "00000000-aaaa-bbbb-cccc-000000000002";
 const client = issueCertificate({ commonName: "queue-mailer token test client" });
 const stranger = issueCertificate({ commonName: "a certificate the app does not know" });
-
-async function rejected(promise: Promise<unknown>): Promise<MailerError> {
-  try {
-    await promise;
-  } catch (error) {
-    assert.ok(error instanceof MailerError, `expected a MailerError, got ${String(error)}`);
-    return error;
-  }
-  assert.fail("expected a rejection");
-}
 
 /** A port on 127.0.0.1 that nothing listens on (briefly bound, then released). */
 async function closedPort(): Promise<number> {
@@ -236,7 +226,7 @@ describe("TokenProvider against the local OAuth server", () => {
       { error: "temporarily_unavailable", error_description: "AADSTS50000: There was an error issuing a token. Trace ID: t", error_codes: [50000] },
       { "retry-after": "7" },
     );
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_AADSTS50000");
     assert.equal(error.kind, "transient");
     assert.equal(error.retryAfterSeconds, 7);
@@ -253,19 +243,19 @@ describe("TokenProvider against the local OAuth server", () => {
     oauth.resetStats();
     const tokens = provider();
     oauth.failNext(1, 503, { error: "temporarily_unavailable" }, { "retry-after": "7" });
-    let error = await rejected(tokens.getToken());
+    let error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_TEMPORARILY_UNAVAILABLE");
     assert.equal(error.kind, "transient");
     assert.equal(error.retryAfterSeconds, 7);
 
     oauth.failNext(1, 429, { error: "too_many_requests" });
-    error = await rejected(tokens.getToken());
+    error = await rejectionOf(tokens.getToken());
     assert.match(error.code, /^TOKEN_/);
     assert.equal(error.kind, "transient");
     assert.equal(error.retryAfterSeconds, undefined);
 
     oauth.failNext(1, 502, "<html><body>Bad gateway</body></html>");
-    error = await rejected(tokens.getToken());
+    error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_HTTP_502");
     assert.equal(error.kind, "transient");
 
@@ -280,7 +270,7 @@ describe("TokenProvider against the local OAuth server", () => {
       error_description: "AADSTS700027: Client assertion contains an invalid signature. [Reason - The key was not found.]",
       error_codes: [700027],
     });
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_AADSTS700027");
     assert.equal(error.kind, "config");
     assert.match(error.hint ?? "", /certificate/i);
@@ -294,7 +284,7 @@ describe("TokenProvider against the local OAuth server", () => {
   it("a 200 without an access_token → TOKEN_BAD_RESPONSE (transient)", async () => {
     const tokens = provider();
     oauth.failNext(1, 200, { token_type: "Bearer" });
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_BAD_RESPONSE");
     assert.equal(error.kind, "transient");
   });
@@ -303,7 +293,7 @@ describe("TokenProvider against the local OAuth server", () => {
     const port = await closedPort();
     const tokenUrl = `http://127.0.0.1:${port}/local-tenant/oauth2/v2.0/token`;
     const tokens = provider({ tokenUrl, timeoutMs: 2000 });
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_UNREACHABLE");
     assert.equal(error.kind, "transient");
     assert.match(error.message, /ECONNREFUSED/);
@@ -321,7 +311,7 @@ describe("TokenProvider against the local OAuth server", () => {
     const { port } = hanging.address() as AddressInfo;
     const tokens = provider({ tokenUrl: `http://127.0.0.1:${port}/token`, timeoutMs: 300 });
     const started = Date.now();
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_UNREACHABLE");
     assert.equal(error.kind, "transient");
     assert.match(error.message, /timed out/);
@@ -341,7 +331,7 @@ describe("TokenProvider against the local OAuth server", () => {
       const { port } = stalling.address() as AddressInfo;
       for (const path of ["/stall", "/reset"]) {
         const tokens = provider({ tokenUrl: `http://127.0.0.1:${port}${path}`, timeoutMs: 300 });
-        const error = await rejected(tokens.getToken());
+        const error = await rejectionOf(tokens.getToken());
         assert.equal(error.code, "TOKEN_UNREACHABLE", path);
         assert.equal(error.kind, "transient", path);
         assert.equal(tokens.stats.failures, 1, path);
@@ -354,7 +344,7 @@ describe("TokenProvider against the local OAuth server", () => {
     const strangerPath = join(dir, "stranger.pem");
     writeFileSync(strangerPath, stranger.certificatePem + stranger.privateKeyPem);
     const tokens = provider({ credential: credentialFor(strangerPath) });
-    const error = await rejected(tokens.getToken());
+    const error = await rejectionOf(tokens.getToken());
     assert.equal(error.code, "TOKEN_AADSTS700027");
     assert.equal(error.kind, "config");
     assert.match(error.hint ?? "", /certificate/i);

@@ -1,5 +1,7 @@
-// Test plumbing shared by the end-to-end tests: a logger that captures records, and a helper that
-// runs the real worker over the real queue until it drains.
+// Test plumbing shared by the tests: a logger that captures records, a helper that runs the real
+// worker over the real queue until it drains, and error assertions that return the MailerError.
+import assert from "node:assert/strict";
+import { MailerError } from "../../shared/errors.js";
 import { loadSendConfig, type Env } from "../../shared/config.js";
 import { jsonLineLogger, type Logger } from "../../shared/log.js";
 import { createMailer, type Mailer } from "../../shared/mailer.js";
@@ -28,4 +30,26 @@ export async function readPoison(mailer: Mailer): Promise<Array<{ reason: { code
   const { poison } = await mailer.queues();
   const peeked = await poison.peekMessages({ numberOfMessages: 32 });
   return peeked.peekedMessageItems.map((item) => JSON.parse(Buffer.from(item.messageText, "base64").toString("utf8")));
+}
+
+/** The MailerError a promise rejects with (fails the test if it resolves or rejects otherwise). */
+export async function rejectionOf(promise: Promise<unknown>): Promise<MailerError> {
+  try {
+    await promise;
+  } catch (error) {
+    assert.ok(error instanceof MailerError, `expected a MailerError, got ${String(error)}`);
+    return error;
+  }
+  assert.fail("expected a rejection");
+}
+
+/** The MailerError a function throws. */
+export function thrownBy(fn: () => unknown): MailerError {
+  try {
+    fn();
+  } catch (error) {
+    assert.ok(error instanceof MailerError, `expected a MailerError, got ${String(error)}`);
+    return error;
+  }
+  assert.fail("expected an error");
 }
