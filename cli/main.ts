@@ -2,7 +2,9 @@
 // needs and names every missing or invalid one before it touches the queue.
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { loadSendConfig, loadStorageConfig, readSettings } from "../shared/config.js";
+import { loadExpiryConfig, loadSendConfig, loadStorageConfig, readSettings } from "../shared/config.js";
+import { findingsTable } from "../shared/expiry/report.js";
+import { collectFindings, expirySourcesFor } from "../shared/expiry/runExpiryWatch.js";
 import { enqueueEmail } from "../shared/enqueueEmail.js";
 import { MailerError } from "../shared/errors.js";
 import { jsonLineLogger, type LogLevel } from "../shared/log.js";
@@ -20,6 +22,9 @@ Usage:
       --to ADDRESS (repeatable)  --cc ADDRESS  --bcc ADDRESS  --from ADDRESS  --reply-to ADDRESS
       --subject TEXT  --text TEXT  --html HTML  --id KEY  --header "Name: value" (repeatable)
       --file message.json             Read the whole message (schema v1) from a file instead.
+  queue-mailer expiry [--json]        Report certificates and secrets by expiry (Key Vault, CERT_PATH, app
+                                      registration). Exits 1 when anything is expired, within
+                                      EXPIRY_CRITICAL_DAYS, or could not be checked. Sends and stores nothing.
   queue-mailer --help                 This text.
 
 Settings come from the environment and from local.settings.json "Values" (environment wins).
@@ -92,6 +97,21 @@ async function workerCommand(args: string[]): Promise<number> {
   }
 }
 
+async function expiryCommand(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { json: { type: "boolean" } }, strict: true });
+  const config = loadExpiryConfig(readSettings());
+  const findings = await collectFindings(expirySourcesFor(config), config, new Date());
+  const failing = findings.filter((f) => f.status === "expired" || f.status === "critical" || f.status === "error");
+  if (values.json) {
+    const printable = findings.map((f) => ({ ...f, expiresOn: f.expiresOn?.toISOString() ?? null }));
+    console.log(JSON.stringify({ checkedAt: new Date().toISOString(), criticalDays: config.criticalDays, findings: printable, failing: failing.length }, null, 2));
+  } else {
+    console.log(findingsTable(findings));
+    if (failing.length > 0) console.log(`\n${failing.length} item(s) expired, within ${config.criticalDays} days, or not checkable.`);
+  }
+  return failing.length > 0 ? 1 : 0;
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   try {
@@ -106,6 +126,8 @@ export async function main(argv: string[]): Promise<number> {
         return await workerCommand(rest);
       case "enqueue":
         return await enqueueCommand(rest);
+      case "expiry":
+        return await expiryCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

@@ -3,22 +3,11 @@
 // and decodes raw or base64 JSON itself (see shared/queue/decode.ts).
 import { app, type InvocationContext } from "@azure/functions";
 import { readSettings } from "../shared/config.js";
-import { formatRecord, jsonLineLogger, type Logger } from "../shared/log.js";
+import { jsonLineLogger } from "../shared/log.js";
 import { processWideMailer } from "../shared/mailer.js";
+import { invocationLogger } from "./invocationLogger.js";
 
 const processLogger = jsonLineLogger((line) => console.log(line));
-
-function invocationLogger(context: InvocationContext): Logger {
-  return {
-    log(level, event, fields) {
-      const line = formatRecord(level, event, { invocationId: context.invocationId, ...fields });
-      if (level === "error") context.error(line);
-      else if (level === "warn") context.warn(line);
-      else if (level === "debug") context.debug(line);
-      else context.log(line);
-    },
-  };
-}
 
 export async function sendEmail(queueEntry: unknown, context: InvocationContext): Promise<void> {
   const mailer = processWideMailer(readSettings(), processLogger);

@@ -48,12 +48,21 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "LEASE_SECONDS", type: "integer", default: "60", min: 5, description: "Worker: how long a taken message stays hidden while it is being sent." },
   { name: "RETRY_BASE_SECONDS", type: "integer", default: "10", min: 0, description: "First retry delay after a transient failure; doubles per attempt." },
   { name: "RETRY_MAX_SECONDS", type: "integer", default: "900", min: 0, description: "Upper bound of the retry delay." },
+  { name: "AzureWebJobsStorage__tableServiceUri", type: "url", description: "Table service URI for identity-based access to the expiry watch's alert state, with `AzureWebJobsStorage__queueServiceUri`." },
+  { name: "EXPIRY_CHECK_SCHEDULE", type: "string", default: "0 0 7 * * *", description: "When the expiry watch runs: six-field NCRONTAB, UTC (daily at 07:00 by default)." },
+  { name: "EXPIRY_WARN_DAYS", type: "string", default: "30,14,7,3,1", description: "Days before expiry at which to warn; each item warns once per threshold it crosses." },
+  { name: "EXPIRY_CRITICAL_DAYS", type: "integer", default: "7", min: 0, description: "Within this many days (and once expired) an item alerts daily, and `queue-mailer expiry` exits non-zero." },
+  { name: "EXPIRY_WATCH_NAMES", type: "string", description: "Key Vault items to watch: comma list of names or prefixes ending in `*` (e.g. `smtp-*,api-key`). Empty: every certificate and secret. The sender's own certificate is always watched." },
+  { name: "EXPIRY_CHECK_APP_REGISTRATION", type: "enum", default: "false", values: ["true", "false"], description: "Also read the app registration's certificates and client secrets (end dates) through Microsoft Graph; needs the Application.Read.All application permission." },
+  { name: "EXPIRY_ALERT_TO", type: "string", description: "Alert email recipients (comma list), enqueued on MAIL_QUEUE like any message. Empty: no email alerts." },
+  { name: "EXPIRY_WEBHOOK_URL", type: "url", description: "Incoming webhook (Teams or Slack) that receives alerts as JSON `{ \"text\": … }`. Empty: no webhook.", secret: true },
   { name: "WORKER_BATCH_SIZE", type: "integer", default: "16", min: 1, description: "Worker: messages taken per poll (at most 32), like `batchSize` in host.json." },
 ];
 
 export interface StorageConfig {
   connectionString?: string;
   queueServiceUri?: string;
+  tableServiceUri?: string;
   queueName: string;
   poisonQueueName: string;
 }
@@ -183,6 +192,7 @@ class SettingReader {
 function storageConfig(reader: SettingReader): StorageConfig {
   const connectionString = reader.raw("AzureWebJobsStorage");
   const queueServiceUri = reader.raw("AzureWebJobsStorage__queueServiceUri");
+  const tableServiceUri = reader.raw("AzureWebJobsStorage__tableServiceUri");
   if (!connectionString && !queueServiceUri) {
     reader.problems.push({
       setting: "AzureWebJobsStorage",
@@ -197,6 +207,7 @@ function storageConfig(reader: SettingReader): StorageConfig {
   return {
     ...(connectionString ? { connectionString } : {}),
     ...(queueServiceUri ? { queueServiceUri } : {}),
+    ...(tableServiceUri ? { tableServiceUri } : {}),
     queueName,
     poisonQueueName: `${queueName}-poison`,
   };
@@ -268,4 +279,68 @@ export function loadSendConfig(env: Env): SendConfig {
   };
   reader.throwIfProblems();
   return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, auth, smtp, queue };
+}
+
+export interface ExpiryConfig {
+  keyVault?: { vaultUrl: string; certName?: string };
+  certificateFile?: { path: string; password?: string };
+  /** Read the app registration's credentials through Microsoft Graph. */
+  appRegistration?: { clientId: string };
+  /** Names or `prefix*` patterns; empty means everything in the vault. */
+  watchNames: string[];
+  /** Descending. */
+  warnDays: number[];
+  criticalDays: number;
+  schedule: string;
+  alertTo: string[];
+  webhookUrl?: string;
+}
+
+/**
+ * What the expiry watch reads: only the credential settings. `queue-mailer expiry` needs nothing
+ * more; the timer function adds storage (alert state, email channel) through loadStorageConfig.
+ */
+export function loadExpiryConfig(env: Env): ExpiryConfig {
+  const reader = new SettingReader(env);
+  const vaultUrl = reader.raw("KEY_VAULT_URL");
+  const certName = reader.raw("CERT_NAME");
+  const certPath = reader.raw("CERT_PATH");
+  const certPassword = reader.raw("CERT_PASSWORD");
+  const checkApp = reader.oneOf<"true" | "false">("EXPIRY_CHECK_APP_REGISTRATION") === "true";
+  const clientId = checkApp ? reader.required("CLIENT_ID", "EXPIRY_CHECK_APP_REGISTRATION=true reads the app registration with this Application (client) ID.") : "";
+  if (vaultUrl) reader.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
+  if (!vaultUrl && !certPath && !checkApp) {
+    reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set, and neither is CERT_PATH nor EXPIRY_CHECK_APP_REGISTRATION=true: there is nothing to watch. Set KEY_VAULT_URL (and CERT_NAME), or CERT_PATH." });
+  }
+  const warnText = reader.raw("EXPIRY_WARN_DAYS") ?? "";
+  const warnDays = warnText.split(",").map((d) => d.trim()).filter(Boolean).map(Number);
+  if (warnDays.length === 0 || warnDays.some((d) => !Number.isInteger(d) || d < 0)) {
+    reader.problems.push({ setting: "EXPIRY_WARN_DAYS", problem: `must be a comma list of whole numbers of days, e.g. 30,14,7,3,1; got "${warnText}"` });
+  }
+  const alertTo = (reader.raw("EXPIRY_ALERT_TO") ?? "").split(",").map((a) => a.trim()).filter(Boolean);
+  const webhookUrl = reader.raw("EXPIRY_WEBHOOK_URL");
+  if (webhookUrl) reader.url("EXPIRY_WEBHOOK_URL", webhookUrl, { allowLoopbackHttp: true });
+  const schedule = reader.raw("EXPIRY_CHECK_SCHEDULE") ?? "";
+  if (schedule.trim().split(/\s+/).length !== 6) {
+    reader.problems.push({ setting: "EXPIRY_CHECK_SCHEDULE", problem: `must be a six-field NCRONTAB expression (second minute hour day month weekday), e.g. "0 0 7 * * *"; got "${schedule}"` });
+  }
+  const config: ExpiryConfig = {
+    ...(vaultUrl ? { keyVault: { vaultUrl, ...(certName ? { certName } : {}) } } : {}),
+    ...(certPath ? { certificateFile: { path: certPath, ...(certPassword ? { password: certPassword } : {}) } } : {}),
+    ...(checkApp ? { appRegistration: { clientId } } : {}),
+    watchNames: (reader.raw("EXPIRY_WATCH_NAMES") ?? "").split(",").map((n) => n.trim()).filter(Boolean),
+    warnDays: [...new Set(warnDays)].sort((a, b) => b - a),
+    criticalDays: reader.integer("EXPIRY_CRITICAL_DAYS"),
+    schedule,
+    alertTo,
+    ...(webhookUrl ? { webhookUrl } : {}),
+  };
+  reader.throwIfProblems();
+  return config;
+}
+
+/** The timer's schedule, read at registration time (the Functions host needs it before any run). */
+export function expirySchedule(env: Env): string {
+  const value = env["EXPIRY_CHECK_SCHEDULE"]?.trim();
+  return value ? value : (settingSpecs.find((s) => s.name === "EXPIRY_CHECK_SCHEDULE")?.default ?? "0 0 7 * * *");
 }

@@ -1,0 +1,44 @@
+// Which alerts were sent, in Azure Table storage, so that a restart or a second instance neither
+// repeats nor loses one. Sending is claimed first with an insert that fails if the row exists
+// (so two instances cannot both send), and the claim is released if the channel then fails (so
+// the next run tries again).
+import type { TableClient } from "@azure/data-tables";
+import type { StorageConfig } from "../config.js";
+import { azureCredential } from "../auth/azureCredential.js";
+
+export const ALERT_TABLE = "expiryalerts";
+
+export interface AlertLedger {
+  /** True when this caller may send (first claim); false when it was sent already. */
+  claim(itemKey: string, alertKey: string, channel: string, record: Record<string, string | number>): Promise<boolean>;
+  release(itemKey: string, alertKey: string, channel: string): Promise<void>;
+}
+
+// Table keys may not contain / \ # ? or control characters.
+const tableKey = (value: string) => encodeURIComponent(value).slice(0, 1000);
+
+export async function tableAlertLedger(storage: StorageConfig): Promise<AlertLedger> {
+  const { TableClient } = await import("@azure/data-tables");
+  let client: TableClient;
+  if (storage.connectionString) {
+    const loopback = /(?:127\.0\.0\.1|localhost)|UseDevelopmentStorage=true/i.test(storage.connectionString);
+    client = TableClient.fromConnectionString(storage.connectionString, ALERT_TABLE, { allowInsecureConnection: loopback });
+  } else {
+    client = new TableClient(storage.tableServiceUri ?? "", ALERT_TABLE, await azureCredential());
+  }
+  await client.createTable();
+  return {
+    async claim(itemKey, alertKey, channel, record) {
+      try {
+        await client.createEntity({ partitionKey: tableKey(itemKey), rowKey: tableKey(`${alertKey}|${channel}`), ...record, claimedAt: new Date().toISOString() });
+        return true;
+      } catch (error) {
+        if ((error as { statusCode?: number }).statusCode === 409) return false;
+        throw error;
+      }
+    },
+    async release(itemKey, alertKey, channel) {
+      await client.deleteEntity(tableKey(itemKey), tableKey(`${alertKey}|${channel}`)).catch(() => undefined);
+    },
+  };
+}
