@@ -2,6 +2,8 @@
 // (EnvironmentCredential → MSAL → POST /<tenant>/oauth2/v2.0/token), CertificateClient and
 // SecretClient, all reaching the double through HTTPS_PROXY. Run with
 // NODE_EXTRA_CA_CERTS=.test-ca/ca.pem (the double's certificate is issued by that CA).
+// The Microsoft Graph part (app registration credentials, for the expiry watch) is driven through
+// @azure/core-rest-pipeline with bearerTokenAuthenticationPolicy and the same credential.
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
 import { createHash, createPrivateKey, X509Certificate } from "node:crypto";
@@ -12,6 +14,14 @@ import { createServer as createNetServer } from "node:net";
 import type { AddressInfo, Socket } from "node:net";
 import forge from "node-forge";
 import { ClientSecretCredential, DefaultAzureCredential } from "@azure/identity";
+// Transitive dependency (of @azure/identity and the Key Vault clients): resolvable, fine for a test.
+import {
+  bearerTokenAuthenticationPolicy,
+  createDefaultHttpClient,
+  createPipelineFromOptions,
+  createPipelineRequest,
+} from "@azure/core-rest-pipeline";
+import type { HttpClient, Pipeline } from "@azure/core-rest-pipeline";
 import { CertificateClient } from "@azure/keyvault-certificates";
 import { SecretClient } from "@azure/keyvault-secrets";
 import { certificateDer, issueCertificate } from "../cli/local/devCertificates.js";
@@ -36,6 +46,33 @@ function restError(statusCode: number, code?: string, messagePart?: string): (er
     if (messagePart !== undefined) assert.match(e.message, new RegExp(messagePart));
     return true;
   };
+}
+
+const GRAPH = "https://graph.microsoft.com/v1.0";
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+const ISO_UTC = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$/;
+
+interface GraphError {
+  error: { code: string; message: string; innerError?: Record<string, string> };
+}
+
+/** GET through a core-rest-pipeline pipeline (built now: it reads HTTPS_PROXY at construction). */
+async function graphGet(
+  pipeline: Pipeline,
+  httpClient: HttpClient,
+  url: string,
+): Promise<{ status: number; body: any; wwwAuthenticate: string | undefined }> {
+  const response = await pipeline.sendRequest(httpClient, createPipelineRequest({ url, method: "GET" }));
+  return {
+    status: response.status,
+    body: response.bodyAsText ? JSON.parse(response.bodyAsText) : undefined,
+    wwwAuthenticate: response.headers.get("www-authenticate"),
+  };
+}
+
+/** Seconds precision, like the dates an app registration carries. */
+function wholeSeconds(ms: number): Date {
+  return new Date(Math.floor(ms / 1000) * 1000);
 }
 
 function sha1Base64Url(der: Buffer): string {
@@ -306,5 +343,154 @@ describe("Key Vault test double through the real Azure SDK", () => {
     assert.equal(double.counts.challenges, 1);
     assert.equal(double.counts.secretGets, 1);
     assert.deepEqual(double.refused, []);
+  });
+  describe("Microsoft Graph: an app registration's credentials (expiry watch)", () => {
+    const appId = "6f1d3c2e-0b7a-4a55-9d1e-3f2b8c7a9e10";
+    const certificateEnd = wholeSeconds(Date.now() + 12 * 86_400_000);
+    const certificateStart = wholeSeconds(Date.now() - 353 * 86_400_000);
+    const secretEnd = wholeSeconds(Date.now() - 86_400_000); // already expired
+    const httpClient = createDefaultHttpClient();
+    let graph: Pipeline;
+
+    before(() => {
+      double.putApplication({
+        appId,
+        displayName: "queue-mailer sender",
+        keyCredentials: [
+          { keyId: "0b9a7c5e-1d2f-4e3a-8b6c-7d8e9f0a1b2c", displayName: "CN=queue-mailer", endDateTime: certificateEnd, startDateTime: certificateStart },
+          { endDateTime: new Date("2030-01-02T03:04:05.678Z") },
+        ],
+        passwordCredentials: [{ displayName: "bootstrap", hint: "Xy7", endDateTime: secretEnd }],
+      });
+      graph = createPipelineFromOptions({});
+      graph.addPolicy(bearerTokenAuthenticationPolicy({ credential, scopes: "https://graph.microsoft.com/.default" }));
+    });
+
+    after(() => double.denyGraph(false));
+
+    it("GET applications(appId='...') returns the credentials with ISO endDateTime", async () => {
+      double.resetCounts();
+      const select = "$select=id,appId,displayName,keyCredentials,passwordCredentials";
+      const { status, body } = await graphGet(graph, httpClient, `${GRAPH}/applications(appId='${appId}')?${select}`);
+      assert.equal(status, 200, JSON.stringify(body));
+      assert.match(body["@odata.context"], /^https:\/\/graph\.microsoft\.com\/v1\.0\/\$metadata#applications/);
+      assert.match(body.id, UUID);
+      assert.equal(body.appId, appId);
+      assert.equal(body.displayName, "queue-mailer sender");
+
+      assert.equal(body.keyCredentials.length, 2);
+      const [certificate, defaulted] = body.keyCredentials;
+      assert.equal(certificate.keyId, "0b9a7c5e-1d2f-4e3a-8b6c-7d8e9f0a1b2c");
+      assert.equal(certificate.displayName, "CN=queue-mailer");
+      assert.equal(certificate.type, "AsymmetricX509Cert");
+      assert.equal(certificate.usage, "Verify");
+      assert.equal(certificate.key, null);
+      assert.equal(typeof certificate.customKeyIdentifier, "string");
+      assert.match(certificate.endDateTime, ISO_UTC);
+      assert.equal(new Date(certificate.endDateTime).getTime(), certificateEnd.getTime());
+      assert.equal(new Date(certificate.startDateTime).getTime(), certificateStart.getTime());
+      assert.match(defaulted.keyId, UUID, "keyId defaults to a random UUID");
+      assert.equal(defaulted.endDateTime, "2030-01-02T03:04:05.678Z");
+      assert.match(defaulted.startDateTime, ISO_UTC);
+
+      assert.deepEqual(body.passwordCredentials, [
+        {
+          customKeyIdentifier: null,
+          displayName: "bootstrap",
+          endDateTime: secretEnd.toISOString().replace(".000Z", "Z"),
+          hint: "Xy7",
+          keyId: body.passwordCredentials[0].keyId,
+          secretText: null,
+          startDateTime: body.passwordCredentials[0].startDateTime,
+        },
+      ]);
+      assert.match(body.passwordCredentials[0].keyId, UUID);
+      assert.ok(new Date(body.passwordCredentials[0].startDateTime) <= secretEnd);
+
+      assert.equal(double.counts.graphRequests, 1);
+      assert.equal(double.counts.tokenRequests, 1, "one token for Graph (the vault token is not reused)");
+      assert.deepEqual(
+        double.requests.map((r) => `${r.method} ${r.host} ${r.status}`),
+        ["POST login.microsoftonline.com 200", "GET graph.microsoft.com 200"],
+      );
+      assert.deepEqual(double.refused, []);
+    });
+
+    it("honours $select, a percent-encoded key, and $filter=appId eq '...'", async () => {
+      double.resetCounts();
+      const selected = await graphGet(graph, httpClient, `${GRAPH}/applications(appId=%27${appId}%27)?%24select=keyCredentials`);
+      assert.equal(selected.status, 200);
+      assert.deepEqual(Object.keys(selected.body).sort(), ["@odata.context", "id", "keyCredentials"]);
+      assert.equal(double.requests[0]?.path, `/v1.0/applications(appId=%27${appId}%27)`, "arrived percent-encoded");
+      assert.equal(selected.body.keyCredentials.length, 2);
+
+      const filter = (id: string): string => `${GRAPH}/applications?$filter=${encodeURIComponent(`appId eq '${id}'`)}&$select=appId,passwordCredentials`;
+      const found = await graphGet(graph, httpClient, filter(appId));
+      assert.equal(found.status, 200);
+      assert.equal(found.body.value.length, 1);
+      assert.equal(found.body.value[0].appId, appId);
+      assert.equal(found.body.value[0].passwordCredentials[0].hint, "Xy7");
+      assert.equal(found.body.value[0].keyCredentials, undefined);
+      const none = await graphGet(graph, httpClient, filter("00000000-0000-0000-0000-000000000000"));
+      assert.equal(none.status, 200);
+      assert.deepEqual(none.body.value, []);
+      assert.equal(double.counts.graphRequests, 3);
+      assert.equal(double.counts.tokenRequests, 0, "the Graph token is cached");
+    });
+
+    it("answers 404 for an unknown app and 403 Authorization_RequestDenied under denyGraph(true)", async () => {
+      double.resetCounts();
+      const unknown = "11111111-2222-3333-4444-555555555555";
+      const missing = await graphGet(graph, httpClient, `${GRAPH}/applications(appId='${unknown}')`);
+      assert.equal(missing.status, 404);
+      assert.equal((missing.body as GraphError).error.code, "Request_ResourceNotFound");
+      assert.match((missing.body as GraphError).error.message, new RegExp(`^Resource '${unknown}' does not exist`));
+
+      double.denyGraph(true);
+      const denied = await graphGet(graph, httpClient, `${GRAPH}/applications(appId='${appId}')`);
+      assert.equal(denied.status, 403);
+      assert.deepEqual(
+        { code: (denied.body as GraphError).error.code, message: (denied.body as GraphError).error.message },
+        { code: "Authorization_RequestDenied", message: "Insufficient privileges to complete the operation." },
+      );
+      double.denyGraph(false);
+      assert.equal((await graphGet(graph, httpClient, `${GRAPH}/applications(appId='${appId}')`)).status, 200);
+      assert.equal(double.counts.graphRequests, 3);
+    });
+
+    it("accepts a token only on the resource it was issued for; no token is 401 without a challenge", async () => {
+      double.resetCounts();
+      const withVaultToken = createPipelineFromOptions({});
+      withVaultToken.addPolicy(bearerTokenAuthenticationPolicy({ credential, scopes: "https://vault.azure.net/.default" }));
+      const vaultTokenOnGraph = await graphGet(withVaultToken, httpClient, `${GRAPH}/applications(appId='${appId}')`);
+      assert.equal(vaultTokenOnGraph.status, 401);
+      assert.equal((vaultTokenOnGraph.body as GraphError).error.code, "InvalidAuthenticationToken");
+      assert.equal((vaultTokenOnGraph.body as GraphError).error.message, "Access token validation failure. Invalid audience.");
+
+      const anonymous = createPipelineFromOptions({});
+      const noToken = await graphGet(anonymous, httpClient, `${GRAPH}/applications(appId='${appId}')`);
+      assert.equal(noToken.status, 401);
+      assert.equal((noToken.body as GraphError).error.code, "InvalidAuthenticationToken");
+      assert.equal((noToken.body as GraphError).error.message, "Access token is empty.");
+      assert.equal(noToken.wwwAuthenticate, undefined, "Graph sends no Key Vault-style challenge");
+
+      const graphTokenOnVault = await graphGet(graph, httpClient, `${double.vaultUrl}/secrets/smtp-password?api-version=7.5`);
+      assert.equal(graphTokenOnVault.status, 401);
+      assert.match(graphTokenOnVault.wwwAuthenticate ?? "", /resource="https:\/\/vault\.azure\.net"/);
+      assert.equal(double.counts.challenges, 1);
+      assert.equal(double.counts.graphRequests, 2);
+      assert.equal(double.counts.tokenRequests, 0, "both tokens come from the credential's cache");
+    });
+
+    it("the vault still works beside Graph", async () => {
+      double.resetCounts();
+      assert.equal((await secrets.getSecret("smtp-password")).value, "hunter2");
+      const certificate = await certificates.getCertificate("mailer-pem");
+      assert.deepEqual(Buffer.from(certificate.cer!), certificateDer(pemPair.certificatePem));
+      assert.equal(double.counts.secretGets, 1);
+      assert.equal(double.counts.certificateGets, 1);
+      assert.equal(double.counts.graphRequests, 0);
+      assert.deepEqual(double.refused, []);
+    });
   });
 });

@@ -1,16 +1,19 @@
-// HTTPS test double of Azure Key Vault's REST API (certificates + secrets, read side) and of the
-// Entra ID (login.microsoftonline.com) token endpoint, driven through the REAL Azure SDK clients
-// (@azure/identity DefaultAzureCredential, @azure/keyvault-certificates, @azure/keyvault-secrets)
-// with no test-only options in production code.
+// HTTPS test double of Azure Key Vault's REST API (certificates + secrets, read side), of the
+// Entra ID (login.microsoftonline.com) token endpoint and of the small part of Microsoft Graph the
+// credential-expiry watch reads (an app registration's key and password credentials), driven
+// through the REAL Azure SDK clients (@azure/identity DefaultAzureCredential,
+// @azure/keyvault-certificates, @azure/keyvault-secrets, @azure/core-rest-pipeline) with no
+// test-only options in production code.
 //
 // How it works
-// - A CONNECT proxy on 127.0.0.1 tunnels ONLY `login.microsoftonline.com:443` and
-//   `<vaultName>.vault.azure.net:443`, and it tunnels them to one local HTTPS server (it never
-//   resolves those names: the upstream is always 127.0.0.1). Every other CONNECT destination, and
-//   every plain (absolute-form) proxy request, gets 403 and is listed in `refused`.
+// - A CONNECT proxy on 127.0.0.1 tunnels ONLY `login.microsoftonline.com:443`,
+//   `<vaultName>.vault.azure.net:443` and `graph.microsoft.com:443`, and it tunnels them to one
+//   local HTTPS server (it never resolves those names: the upstream is always 127.0.0.1). Every
+//   other CONNECT destination, and every plain (absolute-form) proxy request, gets 403 and is
+//   listed in `refused`.
 // - The HTTPS server's certificate is issued by the test CA (`ensureCertificateAuthority(caDir)`,
 //   default `.test-ca`) for login.microsoftonline.com, *.vault.azure.net, <vault>.vault.azure.net,
-//   localhost and 127.0.0.1. The process must trust that CA through NODE_EXTRA_CA_CERTS, which Node
+//   graph.microsoft.com, localhost and 127.0.0.1. The process must trust that CA through NODE_EXTRA_CA_CERTS, which Node
 //   reads only at process start (npm test: `NODE_EXTRA_CA_CERTS=.test-ca/ca.pem`).
 // - `env` / `applyEnv()` give HTTPS_PROXY, NO_PROXY=127.0.0.1,localhost, AZURE_TENANT_ID,
 //   AZURE_CLIENT_ID, AZURE_CLIENT_SECRET, AZURE_TOKEN_CREDENTIALS=EnvironmentCredential,
@@ -58,6 +61,35 @@
 //   secrets are returned (Key Vault does not enforce nbf/exp on secret get).
 // - Names are case-insensitive; the newest put version is the current one; list responses have
 //   version-less ids and `nextLink: null`.
+//
+// Tokens: the token endpoint remembers which resource each token was issued for (the scope minus
+// `/.default`; `00000003-0000-0000-c000-000000000000/.default` is Graph's app id and means Graph).
+// A token is accepted only by its own resource: a Graph token on the vault gets the vault's 401
+// challenge (AKV10022 invalid audience), a vault token on Graph gets Graph's 401 (below).
+//
+// Microsoft Graph behaviour reproduced (v1.0 only; register apps with putApplication)
+// - `GET /v1.0/applications(appId='{appId}')` (the quotes may arrive as %27; the path is decoded
+//   before matching; appIds match case-insensitively) → 200 application with `@odata.context`,
+//   `id` (object id, stable across re-puts of the same appId), appId, displayName, keyCredentials,
+//   passwordCredentials. `GET /v1.0/applications/{object id}` works too.
+// - `GET /v1.0/applications?$filter=appId eq '{appId}'` → `{ "@odata.context", value: [app] }`
+//   (`value: []` if none); without $filter every registered app is listed. Any other $filter → 400.
+// - `$select=a,b` (names case-insensitive) returns only those properties plus `id`; a property the
+//   double does not model → 400 BadRequest "Could not find a property named ..." (as Graph does for
+//   unknown names), so extend APPLICATION_PROPERTIES here if production code selects more.
+// - Dates are ISO 8601 UTC (`2026-01-02T03:04:05Z`; milliseconds only when non-zero). keyCredentials
+//   are `AsymmetricX509Cert`/`Verify` with `key: null`; passwordCredentials have `secretText: null`
+//   (Graph never returns key material or secrets on GET).
+// - Unknown app → 404 Request_ResourceNotFound. Authorization is checked before anything else:
+//   no bearer, or one not issued here → 401 InvalidAuthenticationToken "Access token is empty.";
+//   an expired one → 401 "Lifetime validation failed, the token is expired."; a token for another
+//   resource (e.g. the vault) → 401 "Access token validation failure. Invalid audience.". Graph
+//   401s carry no Key Vault-style `WWW-Authenticate` challenge. Then `denyGraph(true)` → 403
+//   Authorization_RequestDenied for every call (the app lacks Application.Read.All). Error bodies
+//   carry Graph's `innerError` (date, request-id, client-request-id) next to code and message.
+// - `counts.graphRequests` counts EVERY request that reaches the Graph host (401/403/404 included:
+//   Graph clients send the token on their first request, there is no unauthenticated probe to
+//   separate out). failNext() applies to vault requests only.
 import { createHash, createPrivateKey, randomBytes, randomUUID, X509Certificate } from "node:crypto";
 import { createServer as createHttpServer } from "node:http";
 import type { IncomingMessage, OutgoingHttpHeaders, Server as HttpServer, ServerResponse } from "node:http";
@@ -88,6 +120,34 @@ export interface PutCertificateOptions {
   notBefore?: Date;
 }
 
+export interface PutApplicationOptions {
+  appId: string;
+  /** Default `app-<first 8 characters of appId>`. */
+  displayName?: string;
+  keyCredentials?: Array<{
+    /** Default: a random UUID. */
+    keyId?: string;
+    /** Default `CN=<application displayName>`. */
+    displayName?: string;
+    endDateTime: Date;
+    /** Default: the earlier of now and endDateTime. */
+    startDateTime?: Date;
+    /** Default: a random SHA-1-thumbprint-like upper-case hex string (what the portal stores). */
+    customKeyIdentifier?: string;
+  }>;
+  passwordCredentials?: Array<{
+    /** Default: a random UUID. */
+    keyId?: string;
+    /** Default null (Graph's value for a secret added without a description). */
+    displayName?: string;
+    /** Default: three random characters (Graph returns the secret's first three). */
+    hint?: string;
+    endDateTime: Date;
+    /** Default: the earlier of now and endDateTime. */
+    startDateTime?: Date;
+  }>;
+}
+
 export interface KeyVaultDouble {
   vaultName: string;
   /** https://<vaultName>.vault.azure.net */
@@ -110,7 +170,23 @@ export interface KeyVaultDouble {
   putSecret(name: string, value: string, options?: { contentType?: string; enabled?: boolean; expiresOn?: Date }): string;
   /** The next `count` authenticated vault requests answer `status` (with a Key Vault-like default body). */
   failNext(count: number, status: number, body?: unknown, headers?: Record<string, string>): void;
-  counts: { tokenRequests: number; challenges: number; certificateGets: number; secretGets: number; lists: number; other: number };
+  /**
+   * Registers (or replaces, keeping its object id) the Graph application with this appId. keyIds
+   * default to random UUIDs. Read with GET graph.microsoft.com/v1.0/applications(appId='...').
+   */
+  putApplication(app: PutApplicationOptions): void;
+  /** While true, every authenticated Graph call answers 403 Authorization_RequestDenied. */
+  denyGraph(deny: boolean): void;
+  /** graphRequests counts every request to graph.microsoft.com (401/403/404 included). */
+  counts: {
+    tokenRequests: number;
+    challenges: number;
+    certificateGets: number;
+    secretGets: number;
+    lists: number;
+    other: number;
+    graphRequests: number;
+  };
   /** Every HTTP request the HTTPS server answered, in order of completion. `path` has no query. */
   requests: Array<{ method: string; host: string; path: string; status: number }>;
   /** CONNECT targets (host:port) and plain proxy requests the proxy refused with 403. */
@@ -123,6 +199,12 @@ export interface KeyVaultDouble {
 
 const LOGIN_HOST = "login.microsoftonline.com";
 const VAULT_RESOURCE = "https://vault.azure.net";
+const GRAPH_HOST = "graph.microsoft.com";
+const GRAPH_RESOURCE = "https://graph.microsoft.com";
+/** Microsoft Graph's well-known application id: `<it>/.default` is another spelling of the Graph scope. */
+const GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000";
+/** Application properties the double models; `$select` of anything else is a 400. */
+const APPLICATION_PROPERTIES = ["id", "appId", "displayName", "keyCredentials", "passwordCredentials"] as const;
 const RECOVERY_LEVEL = "Recoverable+Purgeable";
 const NOT_FOUND_HELP =
   "If you recently deleted this {kind} you may be able to recover it using the correct recovery command. " +
@@ -164,6 +246,30 @@ interface Failure {
   headers: Record<string, string>;
 }
 
+interface KeyCredential {
+  customKeyIdentifier: string;
+  displayName: string;
+  endDateTime: Date;
+  keyId: string;
+  startDateTime: Date;
+}
+
+interface PasswordCredential {
+  displayName: string | null;
+  endDateTime: Date;
+  hint: string;
+  keyId: string;
+  startDateTime: Date;
+}
+
+interface Application {
+  id: string;
+  appId: string;
+  displayName: string;
+  keyCredentials: KeyCredential[];
+  passwordCredentials: PasswordCredential[];
+}
+
 interface IssuedToken {
   audience: string;
   expiresAt: number;
@@ -187,6 +293,11 @@ function seconds(date: Date | number): number {
 
 function newVersion(): string {
   return randomBytes(16).toString("hex");
+}
+
+/** Graph's ISO 8601 form: UTC, no fractional part unless there is one. */
+function graphDate(date: Date): string {
+  return date.toISOString().replace(/\.000Z$/, "Z");
 }
 
 function vaultError(status: number, code: string, message: string, innerCode?: string): HttpError {
@@ -252,15 +363,18 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
 
   const ca = ensureCertificateAuthority(options.caDir ?? ".test-ca");
   const serverCertificate = issueCertificate(
-    { commonName: LOGIN_HOST, hosts: [LOGIN_HOST, "*.vault.azure.net", vaultHost, "localhost", "127.0.0.1"], days: 30 },
+    { commonName: LOGIN_HOST, hosts: [LOGIN_HOST, "*.vault.azure.net", vaultHost, GRAPH_HOST, "localhost", "127.0.0.1"], days: 30 },
     ca,
   );
 
   const certificates = new Map<string, Item<CertificateVersion>>();
   const secrets = new Map<string, Item<SecretVersion>>();
   const tokens = new Map<string, IssuedToken>();
+  /** By lower-case appId. */
+  const applications = new Map<string, Application>();
+  let graphDenied = false;
   const failures: Failure[] = [];
-  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, lists: 0, other: 0 };
+  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, lists: 0, other: 0, graphRequests: 0 };
   const requests: KeyVaultDouble["requests"] = [];
   const refused: string[] = [];
   const sockets = new Set<Socket | Duplex>();
@@ -438,8 +552,8 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
 
   // ---------------------------------------------------------------- HTTP plumbing
 
-  function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
-    const out: OutgoingHttpHeaders = { "x-ms-keyvault-service-version": "1.9.0.0", "x-ms-request-id": randomUUID() };
+  function send(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}, graph = false): void {
+    const out: OutgoingHttpHeaders = graph ? {} : { "x-ms-keyvault-service-version": "1.9.0.0", "x-ms-request-id": randomUUID() };
     let payload: Buffer | undefined;
     if (body === null || body === undefined) {
       payload = undefined;
@@ -496,6 +610,13 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     });
   }
 
+  /** `https://graph.microsoft.com//.default` → `https://graph.microsoft.com`; Graph's app id → Graph. */
+  function resourceOfScope(scope: string): string {
+    const resource = scope.slice(0, -"/.default".length).replace(/\/+$/, "");
+    if (resource.toLowerCase() === GRAPH_APP_ID || resource.toLowerCase() === GRAPH_RESOURCE) return GRAPH_RESOURCE;
+    return resource;
+  }
+
   function handleLogin(method: string, segments: string[], body: Buffer, req: IncomingMessage): { status: number; body: unknown } {
     const tenant = segments[0] ?? "";
     const rest = segments.slice(1).join("/");
@@ -527,7 +648,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
         throw aadError(400, "invalid_scope", 1002012, "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.");
       }
       const accessToken = randomBytes(32).toString("base64url");
-      tokens.set(accessToken, { audience: scopes[0]!.slice(0, -"/.default".length).replace(/\/+$/, ""), expiresAt: Date.now() + 3600_000 });
+      tokens.set(accessToken, { audience: resourceOfScope(scopes[0]!), expiresAt: Date.now() + 3600_000 });
       return { status: 200, body: { token_type: "Bearer", expires_in: 3600, ext_expires_in: 3600, access_token: accessToken } };
     }
     counts.other++;
@@ -589,25 +710,28 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     return { kind: "other", permission: `${collection} ${method.toLowerCase()}` };
   }
 
-  function isAuthorized(req: IncomingMessage): boolean {
+  /** The token of a `Bearer` Authorization header, if it was issued here (expired or not). */
+  function bearerToken(req: IncomingMessage): IssuedToken | undefined {
     const match = /^Bearer\s+(\S+)$/i.exec(req.headers.authorization ?? "");
-    if (!match) return false;
-    const token = tokens.get(match[1]!);
-    return token !== undefined && token.expiresAt > Date.now() && token.audience === VAULT_RESOURCE;
+    return match ? tokens.get(match[1]!) : undefined;
   }
 
   function handleVault(method: string, segments: string[], url: URL, req: IncomingMessage): { status: number; body: unknown; headers?: Record<string, string> } {
-    if (!isAuthorized(req)) {
+    const token = bearerToken(req);
+    if (token === undefined || token.expiresAt <= Date.now() || token.audience !== VAULT_RESOURCE) {
       counts.challenges++;
       const hadToken = /^Bearer\s/i.test(req.headers.authorization ?? "");
+      let message = "AKV10000: Request is missing a Bearer or PoP token.";
+      if (token !== undefined && token.audience !== VAULT_RESOURCE) {
+        message = `AKV10022: Invalid audience. Expected ${VAULT_RESOURCE}, found: ${token.audience}.`;
+      } else if (token !== undefined) {
+        message = "AKV10032: Token expired.";
+      } else if (hadToken) {
+        message = "AKV10032: Invalid issuer, or the token was not issued by this test double.";
+      }
       return {
         status: 401,
-        body: {
-          error: {
-            code: "Unauthorized",
-            message: hadToken ? "AKV10032: Invalid issuer, or the token was not issued by this test double." : "AKV10000: Request is missing a Bearer or PoP token.",
-          },
-        },
+        body: { error: { code: "Unauthorized", message } },
         headers: { "www-authenticate": `Bearer authorization="https://${LOGIN_HOST}/${tenantId}", resource="${VAULT_RESOURCE}"` },
       };
     }
@@ -661,6 +785,119 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     return { status: 200, body: getSecret(name, third) };
   }
 
+  // ---------------------------------------------------------------- Microsoft Graph
+
+  function graphError(status: number, code: string, message: string, req: IncomingMessage): HttpError {
+    const clientRequestId = req.headers["client-request-id"];
+    return new HttpError(status, {
+      error: {
+        code,
+        message,
+        innerError: {
+          date: graphDate(new Date(Math.floor(Date.now() / 1000) * 1000)),
+          "request-id": randomUUID(),
+          "client-request-id": typeof clientRequestId === "string" ? clientRequestId : randomUUID(),
+        },
+      },
+    });
+  }
+
+  function applicationJson(app: Application): Record<string, unknown> {
+    return {
+      id: app.id,
+      appId: app.appId,
+      displayName: app.displayName,
+      keyCredentials: app.keyCredentials.map((k) => ({
+        customKeyIdentifier: k.customKeyIdentifier,
+        displayName: k.displayName,
+        endDateTime: graphDate(k.endDateTime),
+        key: null,
+        keyId: k.keyId,
+        startDateTime: graphDate(k.startDateTime),
+        type: "AsymmetricX509Cert",
+        usage: "Verify",
+      })),
+      passwordCredentials: app.passwordCredentials.map((p) => ({
+        customKeyIdentifier: null,
+        displayName: p.displayName,
+        endDateTime: graphDate(p.endDateTime),
+        hint: p.hint,
+        keyId: p.keyId,
+        secretText: null,
+        startDateTime: graphDate(p.startDateTime),
+      })),
+    };
+  }
+
+  /** `$select` → the canonical property names (always with `id`), or undefined for "everything". */
+  function parseSelect(url: URL, req: IncomingMessage): string[] | undefined {
+    const raw = url.searchParams.get("$select");
+    if (raw === null) return undefined;
+    const selected = new Set<string>(["id"]);
+    for (const name of raw.split(",").map((s) => s.trim()).filter((s) => s.length > 0)) {
+      const canonical = APPLICATION_PROPERTIES.find((p) => p.toLowerCase() === name.toLowerCase());
+      if (!canonical) throw graphError(400, "BadRequest", `Could not find a property named '${name}' on type 'microsoft.graph.application'.`, req);
+      selected.add(canonical);
+    }
+    return APPLICATION_PROPERTIES.filter((p) => selected.has(p));
+  }
+
+  function project(app: Application, select: string[] | undefined): Record<string, unknown> {
+    const full = applicationJson(app);
+    if (!select) return full;
+    return Object.fromEntries(select.map((p) => [p, full[p]]));
+  }
+
+  function graphContext(select: string[] | undefined, entity: boolean): string {
+    return `${GRAPH_RESOURCE}/v1.0/$metadata#applications${select ? `(${select.join(",")})` : ""}${entity ? "/$entity" : ""}`;
+  }
+
+  function handleGraph(method: string, segments: string[], url: URL, req: IncomingMessage): { status: number; body: unknown; headers?: Record<string, string> } {
+    counts.graphRequests++;
+    const token = bearerToken(req);
+    if (token === undefined) throw graphError(401, "InvalidAuthenticationToken", "Access token is empty.", req);
+    if (token.expiresAt <= Date.now()) throw graphError(401, "InvalidAuthenticationToken", "Lifetime validation failed, the token is expired.", req);
+    if (token.audience !== GRAPH_RESOURCE) {
+      throw graphError(401, "InvalidAuthenticationToken", "Access token validation failure. Invalid audience.", req);
+    }
+    if (graphDenied) throw graphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.", req);
+
+    const [version, resource, objectId, ...more] = segments;
+    if (version !== "v1.0") throw graphError(400, "BadRequest", `Invalid version: ${version ?? ""}`, req);
+    const byAppId = /^applications\(appId='([^']*)'\)$/i.exec(resource ?? "");
+    const isCollection = resource?.toLowerCase() === "applications";
+    if ((!byAppId && !isCollection) || more.length > 0 || (byAppId && objectId !== undefined)) {
+      const segment = !byAppId && !isCollection ? resource : (more[0] ?? objectId);
+      throw graphError(400, "BadRequest", `Resource not found for the segment '${segment ?? ""}'.`, req);
+    }
+    if (method !== "GET") {
+      throw graphError(405, "Request_BadRequest", `The test double does not implement ${method} /${segments.join("/")}.`, req);
+    }
+    const select = parseSelect(url, req);
+    const odataHeaders = { "content-type": "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8" };
+    const notFound = (id: string): HttpError =>
+      graphError(404, "Request_ResourceNotFound", `Resource '${id}' does not exist or one of its queried reference-property objects are not present.`, req);
+
+    if (byAppId) {
+      const app = applications.get(byAppId[1]!.toLowerCase());
+      if (!app) throw notFound(byAppId[1]!);
+      return { status: 200, body: { "@odata.context": graphContext(select, true), ...project(app, select) }, headers: odataHeaders };
+    }
+    if (objectId !== undefined) {
+      const app = [...applications.values()].find((a) => a.id === objectId.toLowerCase());
+      if (!app) throw notFound(objectId);
+      return { status: 200, body: { "@odata.context": graphContext(select, true), ...project(app, select) }, headers: odataHeaders };
+    }
+    const filter = url.searchParams.get("$filter");
+    let apps = [...applications.values()];
+    if (filter !== null) {
+      const match = /^\s*appId\s+eq\s+'([^']*)'\s*$/i.exec(filter);
+      if (!match) throw graphError(400, "BadRequest", `Invalid filter clause: the test double supports only appId eq '...', got '${filter}'.`, req);
+      apps = apps.filter((a) => a.appId.toLowerCase() === match[1]!.toLowerCase());
+    }
+    return { status: 200, body: { "@odata.context": graphContext(select, false), value: apps.map((a) => project(a, select)) }, headers: odataHeaders };
+  }
+
   // ---------------------------------------------------------------- servers
 
   const httpsServer = createHttpsServer(
@@ -680,6 +917,8 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
               result = handleLogin(method, segments, body, req);
             } else if (host === vaultHost) {
               result = handleVault(method, segments, url, req);
+            } else if (host === GRAPH_HOST) {
+              result = handleGraph(method, segments, url, req);
             } else {
               counts.other++;
               result = { status: 421, body: { error: { code: "MisdirectedRequest", message: `The test double does not serve host '${host}'.` } } };
@@ -689,7 +928,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
             result = { status: error.status, body: error.body, headers: error.headers };
           }
           status = result.status;
-          send(res, result.status, result.body, result.headers);
+          send(res, result.status, result.body, result.headers, host === GRAPH_HOST);
         } catch (error) {
           status = 500;
           if (!res.headersSent) send(res, 500, { error: { code: "InternalError", message: String(error) } });
@@ -715,7 +954,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     const target = req.url ?? "";
     const [targetHost, targetPort] = splitHostPort(target);
     clientSocket.on("error", () => clientSocket.destroy());
-    if (targetPort !== 443 || (targetHost !== LOGIN_HOST && targetHost !== vaultHost)) {
+    if (targetPort !== 443 || (targetHost !== LOGIN_HOST && targetHost !== vaultHost && targetHost !== GRAPH_HOST)) {
       refused.push(target);
       const message = `The Key Vault test double's proxy refuses ${target}.\n`;
       clientSocket.end(
@@ -844,6 +1083,49 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       if (!Number.isInteger(count) || count < 0) throw new Error(`failNext: count must be a non-negative integer, got ${count}`);
       if (!Number.isInteger(status) || status < 100 || status > 599) throw new Error(`failNext: invalid HTTP status ${status}`);
       for (let i = 0; i < count; i++) failures.push({ status, body, headers });
+    },
+
+    putApplication(app) {
+      if (typeof app.appId !== "string" || app.appId.trim() === "" || /['\/]/.test(app.appId)) {
+        throw new Error(`putApplication: invalid appId "${String(app.appId)}"`);
+      }
+      const checkDate = (date: unknown, what: string): Date => {
+        if (!(date instanceof Date) || Number.isNaN(date.getTime())) throw new Error(`putApplication: ${what} must be a valid Date`);
+        return date;
+      };
+      const startOf = (start: Date | undefined, end: Date, what: string): Date =>
+        start !== undefined ? checkDate(start, `${what}.startDateTime`) : new Date(Math.min(Date.now(), end.getTime()));
+      const existing = applications.get(app.appId.toLowerCase());
+      const displayName = app.displayName ?? `app-${app.appId.slice(0, 8)}`;
+      applications.set(app.appId.toLowerCase(), {
+        id: existing?.id ?? randomUUID(),
+        appId: app.appId,
+        displayName,
+        keyCredentials: (app.keyCredentials ?? []).map((k, i) => {
+          const endDateTime = checkDate(k.endDateTime, `keyCredentials[${i}].endDateTime`);
+          return {
+            customKeyIdentifier: k.customKeyIdentifier ?? randomBytes(20).toString("hex").toUpperCase(),
+            displayName: k.displayName ?? `CN=${displayName}`,
+            endDateTime,
+            keyId: k.keyId ?? randomUUID(),
+            startDateTime: startOf(k.startDateTime, endDateTime, `keyCredentials[${i}]`),
+          };
+        }),
+        passwordCredentials: (app.passwordCredentials ?? []).map((p, i) => {
+          const endDateTime = checkDate(p.endDateTime, `passwordCredentials[${i}].endDateTime`);
+          return {
+            displayName: p.displayName ?? null,
+            endDateTime,
+            hint: p.hint ?? randomBytes(3).toString("base64url").slice(0, 3),
+            keyId: p.keyId ?? randomUUID(),
+            startDateTime: startOf(p.startDateTime, endDateTime, `passwordCredentials[${i}]`),
+          };
+        }),
+      });
+    },
+
+    denyGraph(deny) {
+      graphDenied = deny;
     },
 
     resetCounts() {
