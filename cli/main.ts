@@ -1,6 +1,7 @@
 // The `queue-mailer` command. `--help` needs no settings; each command checks only the settings it
 // needs and names every missing or invalid one before it touches the queue.
 import { readFileSync } from "node:fs";
+import { basename } from "node:path";
 import { parseArgs } from "node:util";
 import { loadExpiryConfig, loadSendConfig, loadStorageConfig, readSettings } from "../shared/config.js";
 import { findingsTable } from "../shared/expiry/report.js";
@@ -11,6 +12,7 @@ import { jsonLineLogger, type LogLevel } from "../shared/log.js";
 import { createMailer } from "../shared/mailer.js";
 import type { EmailMessageInput } from "../shared/message/schema.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
+import { openContainer } from "../shared/storage/storageClients.js";
 import { runWorker } from "./worker.js";
 
 const usage = `queue-mailer: queued transactional email over Outlook SMTP with OAuth2 (XOAUTH2)
@@ -21,6 +23,7 @@ Usage:
   queue-mailer enqueue [options]      Validate a message and put it on MAIL_QUEUE.
       --to ADDRESS (repeatable)  --cc ADDRESS  --bcc ADDRESS  --from ADDRESS  --reply-to ADDRESS
       --subject TEXT  --text TEXT  --html HTML  --id KEY  --header "Name: value" (repeatable)
+      --attach FILE (repeatable)      Attach a file (messages over 64 KiB travel as a claim check blob).
       --file message.json             Read the whole message (schema v1) from a file instead.
   queue-mailer expiry [--json]        Report certificates and secrets by expiry (Key Vault, CERT_PATH, app
                                       registration). Exits 1 when anything is expired, within
@@ -46,6 +49,7 @@ async function enqueueCommand(args: string[]): Promise<number> {
       id: { type: "string" },
       header: { type: "string", multiple: true },
       file: { type: "string" },
+      attach: { type: "string", multiple: true },
     },
     strict: true,
   });
@@ -71,9 +75,15 @@ async function enqueueCommand(args: string[]): Promise<number> {
       headers: Object.keys(headers).length > 0 ? headers : undefined,
     }).filter(([, v]) => v !== undefined)) as unknown as EmailMessageInput;
   }
+  if (values.attach) {
+    message.attachments = [
+      ...(message.attachments ?? []),
+      ...values.attach.map((path) => ({ filename: basename(path), content: readFileSync(path).toString("base64") })),
+    ];
+  }
   const storage = loadStorageConfig(readSettings());
   const { queue } = await openMailQueues(storage);
-  const result = await enqueueEmail(queue, message);
+  const result = await enqueueEmail({ queue, attachments: await openContainer(storage, storage.attachmentContainer) }, message);
   console.log(JSON.stringify({ enqueued: true, queue: storage.queueName, ...result }));
   return 0;
 }
@@ -89,8 +99,12 @@ async function workerCommand(args: string[]): Promise<number> {
   process.once("SIGTERM", onSignal);
   process.once("SIGINT", onSignal);
   try {
-    const summary = await runWorker({ mailer, logger, drain: values.drain === true, signal: stop.signal });
+    const { circuitOpen, ...summary } = await runWorker({ mailer, logger, drain: values.drain === true, signal: stop.signal });
     console.log(JSON.stringify({ worker: "stopped", ...summary }));
+    if (circuitOpen) {
+      process.stderr.write(`queue-mailer worker: cannot make progress, sending is paused: ${circuitOpen.code}: ${circuitOpen.message}\n${circuitOpen.hint ? `hint: ${circuitOpen.hint}\n` : ""}Messages are still in the queue.\n`);
+      return 3;
+    }
     return 0;
   } finally {
     await mailer.close();

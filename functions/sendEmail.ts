@@ -5,6 +5,7 @@ import { app, type InvocationContext } from "@azure/functions";
 import { readSettings } from "../shared/config.js";
 import { jsonLineLogger } from "../shared/log.js";
 import { processWideMailer } from "../shared/mailer.js";
+import { requeueCopy } from "../shared/queue/mailQueue.js";
 import { invocationLogger } from "./invocationLogger.js";
 
 const processLogger = jsonLineLogger((line) => console.log(line));
@@ -18,7 +19,13 @@ export async function sendEmail(queueEntry: unknown, context: InvocationContext)
     { queueMessageId: String(context.triggerMetadata?.["id"] ?? context.invocationId), dequeueCount: Number(context.triggerMetadata?.["dequeueCount"] ?? 1) },
     invocationLogger(context),
   );
-  if (outcome.status === "retry") {
+  if (outcome.status === "wait" && Number(context.triggerMetadata?.["dequeueCount"] ?? 1) >= mailer.config.queue.maxDequeueCount - 1) {
+    // Our setup is broken, not the message: before the host would poison it, continue it as a
+    // fresh copy (new dequeue count) and let this one go.
+    await requeueCopy((await mailer.queues()).queue, text, outcome.afterSeconds);
+    return;
+  }
+  if (outcome.status === "retry" || outcome.status === "wait") {
     // Throwing is how the host retries: the message becomes visible again after host.json's
     // visibilityTimeout, and its dequeue count grows.
     throw new Error(`${outcome.error.code}: ${outcome.error.message}`);

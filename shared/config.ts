@@ -49,6 +49,11 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "RETRY_BASE_SECONDS", type: "integer", default: "10", min: 0, description: "First retry delay after a transient failure; doubles per attempt." },
   { name: "RETRY_MAX_SECONDS", type: "integer", default: "900", min: 0, description: "Upper bound of the retry delay." },
   { name: "AzureWebJobsStorage__tableServiceUri", type: "url", description: "Table service URI for identity-based access to the expiry watch's alert state, with `AzureWebJobsStorage__queueServiceUri`." },
+  { name: "AzureWebJobsStorage__blobServiceUri", type: "url", description: "Blob service URI for identity-based access to claim-check messages and attachments in `ATTACHMENT_CONTAINER`." },
+  { name: "ATTACHMENT_CONTAINER", type: "string", default: "mail-attachments", description: "Blob container for large messages and attachments sent by reference (claim check). Only blob names in this container are accepted, never URLs." },
+  { name: "MAX_MESSAGE_BYTES", type: "integer", default: "26214400", min: 1024, description: "Largest message accepted (bodies plus decoded attachments); larger ones are poisoned with MESSAGE_TOO_LARGE. Exchange Online accepts about 25 MB." },
+  { name: "ALLOWED_RECIPIENT_DOMAINS", type: "string", description: "Sandbox for staging: comma list of domains; recipients elsewhere make the message poisoned with MESSAGE_RECIPIENT_NOT_ALLOWED. Empty: no restriction." },
+  { name: "SEND_LEDGER", type: "enum", default: "true", values: ["true", "false"], description: "Record every send in the `sendledger` table keyed by message id, so a redelivered message that was sent is acknowledged, not sent again." },
   { name: "EXPIRY_CHECK_SCHEDULE", type: "string", default: "0 0 7 * * *", description: "When the expiry watch runs: six-field NCRONTAB, UTC (daily at 07:00 by default)." },
   { name: "EXPIRY_WARN_DAYS", type: "string", default: "30,14,7,3,1", description: "Days before expiry at which to warn; each item warns once per threshold it crosses." },
   { name: "EXPIRY_CRITICAL_DAYS", type: "integer", default: "7", min: 0, description: "Within this many days (and once expired) an item alerts daily, and `queue-mailer expiry` exits non-zero." },
@@ -63,8 +68,11 @@ export interface StorageConfig {
   connectionString?: string;
   queueServiceUri?: string;
   tableServiceUri?: string;
+  blobServiceUri?: string;
   queueName: string;
   poisonQueueName: string;
+  /** Claim-check messages and attachments by reference. */
+  attachmentContainer: string;
 }
 
 export type CertificateLocation =
@@ -97,9 +105,17 @@ export interface QueuePolicy {
   batchSize: number;
 }
 
+export interface MessagePolicy {
+  maxMessageBytes: number;
+  /** Lower-case domains; empty means every domain. */
+  allowedRecipientDomains: string[];
+  sendLedger: boolean;
+}
+
 export interface SendConfig {
   storage: StorageConfig;
   mailFrom: string;
+  messages: MessagePolicy;
   auth: AuthConfig;
   smtp: SmtpConfig;
   queue: QueuePolicy;
@@ -193,6 +209,7 @@ function storageConfig(reader: SettingReader): StorageConfig {
   const connectionString = reader.raw("AzureWebJobsStorage");
   const queueServiceUri = reader.raw("AzureWebJobsStorage__queueServiceUri");
   const tableServiceUri = reader.raw("AzureWebJobsStorage__tableServiceUri");
+  const blobServiceUri = reader.raw("AzureWebJobsStorage__blobServiceUri");
   if (!connectionString && !queueServiceUri) {
     reader.problems.push({
       setting: "AzureWebJobsStorage",
@@ -208,8 +225,10 @@ function storageConfig(reader: SettingReader): StorageConfig {
     ...(connectionString ? { connectionString } : {}),
     ...(queueServiceUri ? { queueServiceUri } : {}),
     ...(tableServiceUri ? { tableServiceUri } : {}),
+    ...(blobServiceUri ? { blobServiceUri } : {}),
     queueName,
     poisonQueueName: `${queueName}-poison`,
+    attachmentContainer: reader.raw("ATTACHMENT_CONTAINER") ?? "mail-attachments",
   };
 }
 
@@ -277,8 +296,13 @@ export function loadSendConfig(env: Env): SendConfig {
     retryMaxSeconds: reader.integer("RETRY_MAX_SECONDS"),
     batchSize: Math.min(32, reader.integer("WORKER_BATCH_SIZE")),
   };
+  const messages: MessagePolicy = {
+    maxMessageBytes: reader.integer("MAX_MESSAGE_BYTES"),
+    allowedRecipientDomains: (reader.raw("ALLOWED_RECIPIENT_DOMAINS") ?? "").split(",").map((d) => d.trim().toLowerCase()).filter(Boolean),
+    sendLedger: reader.oneOf<"true" | "false">("SEND_LEDGER") === "true",
+  };
   reader.throwIfProblems();
-  return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, auth, smtp, queue };
+  return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, messages, auth, smtp, queue };
 }
 
 export interface ExpiryConfig {

@@ -1,21 +1,49 @@
 // For producers: validate a message with the same rules as the sender, then put it on the queue.
-// A message that would be poisoned is refused here instead, before it reaches the queue.
+// A message that would be poisoned is refused here instead, before it reaches the queue. A queue
+// message cannot exceed 64 KiB, so a larger one is stored as a blob in the attachments container
+// and the queue gets a claim check (`{ "claimCheck": "<blob name>" }`) instead.
 import { randomUUID } from "node:crypto";
 import type { QueueClient } from "@azure/storage-queue";
-import { validateMessage } from "./message/validate.js";
+import type { ContainerClient } from "@azure/storage-blob";
+import { MessageError, validateMessage } from "./message/validate.js";
 import type { EmailMessageInput } from "./message/schema.js";
 import { encodeQueueText } from "./queue/mailQueue.js";
+
+/** Azure Storage's limit on a queue message, counted on the (base64) text we send. */
+export const MAX_QUEUE_MESSAGE_BYTES = 64 * 1024;
+
+export interface EnqueueTarget {
+  queue: QueueClient;
+  /** Needed only for messages over the queue's size limit. */
+  attachments?: ContainerClient;
+}
 
 export interface EnqueueResult {
   queueMessageId: string;
   id: string;
+  /** Set when the message travelled as a claim check. */
+  claimCheck?: string;
 }
 
-export async function enqueueEmail(queue: QueueClient, message: EmailMessageInput): Promise<EnqueueResult> {
+export async function enqueueEmail(target: QueueClient | EnqueueTarget, message: EmailMessageInput): Promise<EnqueueResult> {
+  const { queue, attachments } = "sendMessage" in target ? { queue: target, attachments: undefined } : target;
   // Give every message an id up front, so a retried enqueue is recognisable as the same email.
   const withId: EmailMessageInput = { ...message, id: message.id ?? randomUUID() };
+  const id = withId.id ?? "";
   // From defaults at send time; any syntactically valid placeholder lets validation run now.
-  validateMessage(withId, { from: withId.from ?? "sender@example.com", id: withId.id ?? "" });
-  const response = await queue.sendMessage(encodeQueueText(JSON.stringify(withId)));
-  return { queueMessageId: response.messageId, id: withId.id ?? "" };
+  validateMessage(withId, { from: withId.from ?? "sender@example.com", id });
+  const json = JSON.stringify(withId);
+  let text = encodeQueueText(json);
+  let claimCheck: string | undefined;
+  if (Buffer.byteLength(text) > MAX_QUEUE_MESSAGE_BYTES) {
+    if (!attachments) {
+      throw new MessageError("MESSAGE_TOO_LARGE", `message is ${Buffer.byteLength(json)} bytes; a queue message holds at most 64 KiB, and no attachments container was given for a claim check`);
+    }
+    claimCheck = `claim-checks/${new Date().toISOString().slice(0, 10)}/${randomUUID()}.json`;
+    await attachments.createIfNotExists();
+    await attachments.getBlockBlobClient(claimCheck).upload(json, Buffer.byteLength(json), { blobHTTPHeaders: { blobContentType: "application/json" } });
+    text = encodeQueueText(JSON.stringify({ claimCheck }));
+  }
+  const response = await queue.sendMessage(text);
+  return { queueMessageId: response.messageId, id, ...(claimCheck === undefined ? {} : { claimCheck }) };
 }

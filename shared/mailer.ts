@@ -1,36 +1,70 @@
-// One process-wide mailer: settings, the sender (credential, token, SMTP pool) and the queues,
-// created on first use and reused by every invocation. The Functions host and the worker both get
-// their mailer here, so they share everything but the way they talk to the queue.
+// One process-wide mailer: settings, the sender (credential, token, SMTP pool, ledger), the circuit
+// breaker and the storage clients, created on first use and reused by every invocation. The
+// Functions host and the worker both get their mailer here, so they share everything but the way
+// they talk to the queue.
+import type { ContainerClient } from "@azure/storage-blob";
 import { loadSendConfig, type Env, type SendConfig } from "./config.js";
 import type { Logger } from "./log.js";
 import { handleQueueMessage, type QueueMessageMeta } from "./queue/handleQueueMessage.js";
 import { openMailQueues, writePoisonRecord, type MailQueues } from "./queue/mailQueue.js";
 import type { Outcome } from "./queue/outcome.js";
+import { circuitBreaker, type CircuitBreaker } from "./send/circuitBreaker.js";
 import { createSender, type Sender } from "./send/sendEmail.js";
+import { openContainer } from "./storage/storageClients.js";
 
 export interface Mailer {
   config: SendConfig;
   sender: Sender;
+  circuit: CircuitBreaker;
   queues(): Promise<MailQueues>;
   /** Decode, validate and send one queue message; poison records are written here. */
   process(text: string, meta: QueueMessageMeta, logger?: Logger): Promise<Outcome>;
+  /** Probe the setup while the circuit is open; closes it on success. */
+  probe(): Promise<boolean>;
   close(): Promise<void>;
 }
 
+function once<T>(make: () => Promise<T>): () => Promise<T> {
+  let value: Promise<T> | undefined;
+  return () =>
+    (value ??= make().catch((error: unknown) => {
+      value = undefined;
+      throw error;
+    }));
+}
+
 export function createMailer(config: SendConfig, logger: Logger, sender: Sender = createSender(config, logger)): Mailer {
-  let queues: Promise<MailQueues> | undefined;
-  const getQueues = () => (queues ??= openMailQueues(config.storage).catch((error: unknown) => {
-    queues = undefined;
-    throw error;
-  }));
+  const getQueues = once(() => openMailQueues(config.storage));
+  const attachments = once<ContainerClient>(() => openContainer(config.storage, config.storage.attachmentContainer));
+  const circuit = circuitBreaker(config.queue, logger);
   return {
     config,
     sender,
+    circuit,
     queues: getQueues,
     async process(text, meta, invocationLogger = logger) {
-      const outcome = await handleQueueMessage(text, meta, { sender, mailFrom: config.mailFrom, policy: config.queue, logger: invocationLogger });
+      const outcome = await handleQueueMessage(text, meta, {
+        sender,
+        mailFrom: config.mailFrom,
+        policy: config.queue,
+        messages: config.messages,
+        attachments,
+        circuit,
+        logger: invocationLogger,
+      });
       if (outcome.status === "poison") await writePoisonRecord((await getQueues()).poison, outcome.record);
       return outcome;
+    },
+    async probe() {
+      try {
+        await sender.probe();
+        circuit.close();
+        return true;
+      } catch (error) {
+        const failure = error as import("./errors.js").MailerError;
+        circuit.open(failure.kind === "config" ? failure : circuit.lastError ?? failure);
+        return false;
+      }
     },
     close: () => sender.close(),
   };

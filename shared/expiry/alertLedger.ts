@@ -2,9 +2,8 @@
 // repeats nor loses one. Sending is claimed first with an insert that fails if the row exists
 // (so two instances cannot both send), and the claim is released if the channel then fails (so
 // the next run tries again).
-import type { TableClient } from "@azure/data-tables";
 import type { StorageConfig } from "../config.js";
-import { azureCredential } from "../auth/azureCredential.js";
+import { openTable, statusOf, tableKey } from "../storage/storageClients.js";
 
 export const ALERT_TABLE = "expiryalerts";
 
@@ -14,26 +13,15 @@ export interface AlertLedger {
   release(itemKey: string, alertKey: string, channel: string): Promise<void>;
 }
 
-// Table keys may not contain / \ # ? or control characters.
-const tableKey = (value: string) => encodeURIComponent(value).slice(0, 1000);
-
 export async function tableAlertLedger(storage: StorageConfig): Promise<AlertLedger> {
-  const { TableClient } = await import("@azure/data-tables");
-  let client: TableClient;
-  if (storage.connectionString) {
-    const loopback = /(?:127\.0\.0\.1|localhost)|UseDevelopmentStorage=true/i.test(storage.connectionString);
-    client = TableClient.fromConnectionString(storage.connectionString, ALERT_TABLE, { allowInsecureConnection: loopback });
-  } else {
-    client = new TableClient(storage.tableServiceUri ?? "", ALERT_TABLE, await azureCredential());
-  }
-  await client.createTable();
+  const client = await openTable(storage, ALERT_TABLE);
   return {
     async claim(itemKey, alertKey, channel, record) {
       try {
         await client.createEntity({ partitionKey: tableKey(itemKey), rowKey: tableKey(`${alertKey}|${channel}`), ...record, claimedAt: new Date().toISOString() });
         return true;
       } catch (error) {
-        if ((error as { statusCode?: number }).statusCode === 409) return false;
+        if (statusOf(error) === 409) return false;
         throw error;
       }
     },

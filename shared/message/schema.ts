@@ -39,11 +39,13 @@ export const emailMessageSchema = {
       items: {
         type: "object",
         additionalProperties: false,
-        required: ["filename", "content"],
+        required: ["filename"],
+        oneOf: [{ required: ["content"] }, { required: ["blob"] }],
         properties: {
           filename: { type: "string", minLength: 1, maxLength: 255 },
           contentType: { type: "string", minLength: 3 },
           content: { type: "string", description: "Base64." },
+          blob: { type: "string", minLength: 1, maxLength: 1024, description: "Instead of content: the name of a blob in ATTACHMENT_CONTAINER (never a URL)." },
         },
       },
     },
@@ -62,7 +64,24 @@ export interface EmailMessageInput {
   text?: string;
   html?: string;
   headers?: Record<string, string>;
-  attachments?: Array<{ filename: string; contentType?: string; content: string }>;
+  attachments?: Array<{ filename: string; contentType?: string; content?: string; blob?: string }>;
+}
+
+/**
+ * A queue message too large for a queue (64 KiB) travels as a claim check: the message JSON is a
+ * blob in ATTACHMENT_CONTAINER and the queue holds only `{ "claimCheck": "<blob name>" }`.
+ */
+export interface ClaimCheck {
+  claimCheck: string;
+}
+
+export interface EmailAttachment {
+  filename: string;
+  contentType?: string;
+  /** Present once loaded (inline base64, or read from the blob). */
+  content?: Buffer;
+  /** Blob name in ATTACHMENT_CONTAINER, until loaded. */
+  blob?: string;
 }
 
 /** A validated message, normalised for sending. */
@@ -77,5 +96,5 @@ export interface EmailMessage {
   text?: string;
   html?: string;
   headers: Record<string, string>;
-  attachments: Array<{ filename: string; contentType?: string; content: Buffer }>;
+  attachments: EmailAttachment[];
 }

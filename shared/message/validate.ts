@@ -17,7 +17,11 @@ export type MessageErrorCode =
   | "MESSAGE_TOO_MANY_RECIPIENTS"
   | "MESSAGE_INVALID_HEADER"
   | "MESSAGE_FORBIDDEN_HEADER"
-  | "MESSAGE_INVALID_BASE64";
+  | "MESSAGE_INVALID_BASE64"
+  | "MESSAGE_INVALID_BLOB_NAME"
+  | "MESSAGE_BLOB_NOT_FOUND"
+  | "MESSAGE_TOO_LARGE"
+  | "MESSAGE_RECIPIENT_NOT_ALLOWED";
 
 export class MessageError extends MailerError {
   readonly field: string | undefined;
@@ -49,6 +53,17 @@ const controlCharactersWithTab = /[\u0000-\u001f\u007f]/;
 // addr-spec: a dot-atom local part (or a quoted one) and a domain of labels. Unicode allowed (SMTPUTF8).
 const addrSpec = /^(?:[\p{L}\p{N}!#$%&'*+/=?^_`{|}~-]+(?:\.[\p{L}\p{N}!#$%&'*+/=?^_`{|}~-]+)*|"(?:[^"\\]|\\.)+")@(?:[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?\.)+[\p{L}\p{N}](?:[\p{L}\p{N}-]*[\p{L}\p{N}])?$/u;
 const headerName = /^[!-9;-~]+$/; // RFC 5322 ftext: printable ASCII except colon
+// A blob *name* inside ATTACHMENT_CONTAINER: no scheme, no host, no "..", so a message can never
+// make us fetch an arbitrary URL (SSRF) or leave the container.
+const blobName = /^(?!.*(?:^|\/)\.\.?(?:\/|$))[A-Za-z0-9_][A-Za-z0-9._\-/]{0,1023}$/;
+
+export function checkBlobName(field: string, name: string): string {
+  if (!blobName.test(name) || name.includes("//")) {
+    throw new MessageError("MESSAGE_INVALID_BLOB_NAME", `${field} must be a blob name in the attachments container (letters, digits, . _ - /), not a URL or path: ${JSON.stringify(name.slice(0, 100))}`, field);
+  }
+  return name;
+}
+
 const base64 = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 
 function describe(value: unknown): string {
@@ -166,16 +181,23 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
       }
       const filename = requireString(attachment, "filename", `${field}.filename`);
       const content = requireString(attachment, "content", `${field}.content`);
+      const blob = requireString(attachment, "blob", `${field}.blob`);
       const contentType = requireString(attachment, "contentType", `${field}.contentType`);
       if (filename === undefined || filename.length === 0) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.filename is required`, `${field}.filename`);
-      if (content === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.content is required (base64)`, `${field}.content`);
+      if (content === undefined && blob === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", `${field}.content (base64) or ${field}.blob is required`, `${field}.content`);
+      if (content !== undefined && blob !== undefined) throw new MessageError("MESSAGE_INVALID_TYPE", `${field} has both content and blob; give one`, `${field}.blob`);
       if (filename.length > 255) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `${field}.filename must be at most 255 characters, got ${filename.length}`, `${field}.filename`);
       if (contentType !== undefined && contentType.length < 3) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `${field}.contentType must be at least 3 characters (e.g. text/plain)`, `${field}.contentType`);
       checkHeaderText(`${field}.filename`, filename);
       if (contentType !== undefined) checkHeaderText(`${field}.contentType`, contentType);
-      const compact = content.replace(/\s+/g, "");
+      const type = contentType === undefined ? {} : { contentType };
+      if (blob !== undefined) {
+        attachments.push({ filename, blob: checkBlobName(`${field}.blob`, blob), ...type });
+        return;
+      }
+      const compact = (content ?? "").replace(/\s+/g, "");
       if (!base64.test(compact)) throw new MessageError("MESSAGE_INVALID_BASE64", `${field}.content is not valid base64`, `${field}.content`);
-      attachments.push({ filename, content: Buffer.from(compact, "base64"), ...(contentType === undefined ? {} : { contentType }) });
+      attachments.push({ filename, content: Buffer.from(compact, "base64"), ...type });
     });
   }
 

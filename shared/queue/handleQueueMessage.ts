@@ -1,11 +1,13 @@
-// The whole path of one queue message: decode → validate → send → outcome. Shared by the Functions
-// host (functions/sendEmail.ts) and the worker (cli/worker.ts); neither adds logic of its own.
-import type { QueuePolicy } from "../config.js";
-import { toMailerError } from "../errors.js";
+// The whole path of one queue message: decode → resolve and validate → send → outcome. Shared by
+// the Functions host (functions/sendEmail.ts) and the worker (cli/worker.ts); neither adds logic
+// of its own. It never throws for the message's own fault: it returns an Outcome.
+import type { ContainerClient } from "@azure/storage-blob";
+import type { MessagePolicy, QueuePolicy } from "../config.js";
+import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
-import { parseMessage } from "../message/validate.js";
+import { resolveMessage } from "../message/resolveMessage.js";
+import type { CircuitBreaker } from "../send/circuitBreaker.js";
 import type { Sender } from "../send/sendEmail.js";
-import { decodeQueueText } from "./decode.js";
 import { poisonRecord, retryDelaySeconds, type Outcome } from "./outcome.js";
 
 export interface QueueMessageMeta {
@@ -19,29 +21,55 @@ export interface HandlerDeps {
   sender: Sender;
   mailFrom: string;
   policy: QueuePolicy;
+  messages: MessagePolicy;
+  attachments: () => Promise<ContainerClient>;
+  circuit: CircuitBreaker;
   logger: Logger;
 }
 
 export async function handleQueueMessage(text: string, meta: QueueMessageMeta, deps: HandlerDeps): Promise<Outcome> {
-  const { sender, logger, policy } = deps;
+  const { sender, logger, policy, circuit } = deps;
   let id = meta.queueMessageId;
+  const where = () => ({ id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount });
   try {
-    const message = parseMessage(decodeQueueText(text), { from: deps.mailFrom, id: meta.queueMessageId });
+    const { message, claimCheckBlob } = await resolveMessage(text, { from: deps.mailFrom, id: meta.queueMessageId }, deps.messages, deps.attachments);
     id = message.id;
-    const result = await sender.sendEmail(message);
-    logger.log("info", "message.sent", { id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount, messageId: result.messageId, response: result.response, rejected: result.rejected });
-    return { status: "sent", id, messageId: result.messageId, response: result.response };
+    if (!circuit.allowAttempt()) {
+      const error = circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" });
+      return { status: "wait", afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)), error };
+    }
+    const sent = await sender.send(message);
+    circuit.close();
+    if (sent.status === "busy") {
+      const error = new MailerError("LEDGER_BUSY", `message ${id} is being sent by another worker`, { kind: "transient" });
+      return { status: "retry", afterSeconds: policy.leaseSeconds, error };
+    }
+    if (claimCheckBlob !== undefined) {
+      // The claim check served its purpose; a failure here only leaves a blob behind.
+      await deps.attachments().then((c) => c.deleteBlob(claimCheckBlob)).catch(() => undefined);
+    }
+    if (sent.status === "duplicate") {
+      logger.log("info", "message.duplicate", { ...where(), messageId: sent.messageId, sentAt: sent.sentAt, note: "already sent; acknowledged without sending" });
+      return { status: "sent", id, messageId: sent.messageId, response: "already sent", duplicate: true };
+    }
+    logger.log("info", "message.sent", { ...where(), messageId: sent.result.messageId, response: sent.result.response, rejected: sent.result.rejected, resentAfterUnknownOutcome: sent.resentAfterUnknownOutcome });
+    return { status: "sent", id, messageId: sent.result.messageId, response: sent.result.response, duplicate: false };
   } catch (thrown) {
     const error = toMailerError(thrown);
+    if (error.kind === "config") {
+      // Not the message's fault: open the circuit, keep the message.
+      circuit.open(error);
+      return { status: "wait", afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)), error };
+    }
     const lastAttempt = meta.dequeueCount >= policy.maxDequeueCount;
     if (error.kind === "permanent" || lastAttempt) {
       // We poison on the last attempt ourselves so that no message reaches the poison queue
       // without a reason.
-      logger.log("error", "message.poisoned", { id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount, error: error.toJSON() });
+      logger.log("error", "message.poisoned", { ...where(), error: error.toJSON() });
       return { status: "poison", record: poisonRecord(error, meta.dequeueCount, text), error };
     }
     const afterSeconds = retryDelaySeconds(meta.dequeueCount, policy, error.retryAfterSeconds);
-    logger.log("warn", "message.retry", { id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount, afterSeconds, error: error.toJSON() });
+    logger.log("warn", "message.retry", { ...where(), afterSeconds, error: error.toJSON() });
     return { status: "retry", afterSeconds, error };
   }
 }

@@ -28,3 +28,12 @@ export async function writePoisonRecord(poison: QueueClient, record: PoisonRecor
   // A poison entry must stay for people to look at: no expiry (-1).
   await poison.sendMessage(encodeQueueText(JSON.stringify(record)), { messageTimeToLive: -1 });
 }
+
+/**
+ * Put the same text back as a new message, hidden for `visibilitySeconds`. Used when a message must
+ * wait through an outage that is not its fault: a fresh copy starts with a fresh dequeue count, so
+ * the wait never makes it run out of attempts. Send first, then the caller deletes the original.
+ */
+export async function requeueCopy(queue: QueueClient, text: string, visibilitySeconds: number): Promise<void> {
+  await queue.sendMessage(text, { visibilityTimeout: Math.max(0, Math.round(visibilitySeconds)), messageTimeToLive: -1 });
+}

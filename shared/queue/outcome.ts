@@ -11,9 +11,12 @@ export interface PoisonRecord {
 }
 
 export type Outcome =
-  | { status: "sent"; id: string; messageId: string; response: string }
+  /** Accepted by the server now, or earlier (`duplicate`: the ledger shows it was sent). */
+  | { status: "sent"; id: string; messageId: string; response: string; duplicate: boolean }
   | { status: "poison"; record: PoisonRecord; error: MailerError }
-  | { status: "retry"; afterSeconds: number; error: MailerError };
+  | { status: "retry"; afterSeconds: number; error: MailerError }
+  /** Our setup is broken (circuit open): the message waits without using up its attempts. */
+  | { status: "wait"; afterSeconds: number; error: MailerError };
 
 export function poisonRecord(error: MailerError, attempts: number, original: string, now = new Date()): PoisonRecord {
   return {

@@ -1,31 +1,75 @@
-// Step 3 onwards: the sender wires credential → token → transport once per process, and sends one
-// validated message under the per-mailbox rate limit. Everything is created on first use: no
-// network in module scope.
+// Step 3 onwards, the send pipeline: ledger → rate limit → transport.send → ledger. The sender
+// wires credential → token → transport once per process; everything is created on first use (no
+// network in module scope).
 import type { SendConfig } from "../config.js";
 import { credentialSourceFor } from "../auth/credentialSource.js";
+import { toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { EmailMessage } from "../message/schema.js";
 import { TokenProvider } from "../token/tokenProvider.js";
 import { createSmtpTransport } from "../transport/smtpTransport.js";
 import type { SendResult, Transport } from "../transport/transport.js";
 import { slidingWindowLimiter, type RateLimiter } from "./rateLimiter.js";
+import { tableSendLedger, type SendLedger } from "./sendLedger.js";
+
+export type SendOutcome =
+  | { status: "sent"; result: SendResult; attempt: number; resentAfterUnknownOutcome: boolean }
+  /** The ledger shows it was sent already: acknowledge, do not send again. */
+  | { status: "duplicate"; messageId: string; sentAt: string }
+  /** Another worker is sending it right now. */
+  | { status: "busy" };
 
 export interface Sender {
-  sendEmail(message: EmailMessage): Promise<SendResult>;
+  send(message: EmailMessage): Promise<SendOutcome>;
+  /** Prove the setup works without a message: a token, and an SMTP connection that authenticates. */
+  probe(): Promise<void>;
   readonly tokens: TokenProvider;
   close(): Promise<void>;
 }
 
-export function createSender(config: SendConfig, logger: Logger, overrides: { transport?: Transport; rateLimiter?: RateLimiter } = {}): Sender {
+export interface SenderParts {
+  transport?: Transport;
+  rateLimiter?: RateLimiter;
+  ledger?: SendLedger | null;
+}
+
+export function createSender(config: SendConfig, logger: Logger, parts: SenderParts = {}): Sender {
   const credential = credentialSourceFor(config.auth, logger);
   const tokens = new TokenProvider({ tokenUrl: config.auth.tokenUrl, clientId: config.auth.clientId, scope: config.auth.scope, credential, logger });
-  const transport = overrides.transport ?? createSmtpTransport(config.smtp, tokens, logger);
-  const rateLimiter = overrides.rateLimiter ?? slidingWindowLimiter(config.smtp.ratePerMinute);
+  const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger);
+  const rateLimiter = parts.rateLimiter ?? slidingWindowLimiter(config.smtp.ratePerMinute);
+  const ledger = parts.ledger === undefined ? (config.messages.sendLedger ? tableSendLedger(config.storage, config.queue.leaseSeconds) : null) : parts.ledger;
+
   return {
     tokens,
-    async sendEmail(message) {
+    async send(message) {
+      const decision = ledger ? await ledger.begin(message.id) : ({ state: "go", attempt: 1, previousOutcomeUnknown: false } as const);
+      if (decision.state !== "go") return decision.state === "sent" ? { status: "duplicate", messageId: decision.messageId, sentAt: decision.sentAt } : { status: "busy" };
+      if (decision.previousOutcomeUnknown) {
+        logger.log("warn", "message.resend_unknown_outcome", { id: message.id, attempt: decision.attempt, note: "a previous attempt may have been delivered; resending with the same Message-ID" });
+      }
       await rateLimiter.acquire();
-      return transport.send(message);
+      let result: SendResult;
+      try {
+        result = await transport.send(message);
+      } catch (error) {
+        const failure = toMailerError(error);
+        // A lost connection may have happened after the server took the message.
+        await ledger?.fail(message.id, failure.code, failure.code === "SMTP_CONNECTION_FAILED");
+        throw failure;
+      }
+      try {
+        await ledger?.complete(message.id, result);
+      } catch (error) {
+        // Sent, but not recorded: a redelivery would send again (same Message-ID). Say so.
+        logger.log("error", "ledger.write_failed", { id: message.id, error: (error as Error).message });
+      }
+      return { status: "sent", result, attempt: decision.attempt, resentAfterUnknownOutcome: decision.previousOutcomeUnknown };
+    },
+    async probe() {
+      // A fresh token: the cached one may be what the server refused.
+      await tokens.renew();
+      await transport.verify();
     },
     close: () => transport.close(),
   };

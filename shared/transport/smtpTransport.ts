@@ -61,7 +61,7 @@ export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, log
       replyTo: message.replyTo,
       subject: message.subject,
       headers: message.headers,
-      attachments: message.attachments,
+      attachments: message.attachments.map((a) => ({ filename: a.filename, content: a.content ?? Buffer.alloc(0), ...(a.contentType === undefined ? {} : { contentType: a.contentType }) })),
       ...(message.text === undefined ? {} : { text: message.text }),
       ...(message.html === undefined ? {} : { html: message.html }),
     });
@@ -88,6 +88,13 @@ export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, log
         }
         logger.log(classified.kind === "transient" ? "warn" : "error", "smtp.failed", { id: message.id, error: classified.toJSON() });
         throw classified;
+      }
+    },
+    async verify() {
+      try {
+        await transporter.verify();
+      } catch (error) {
+        throw classifySmtpError(error);
       }
     },
     async close() {

@@ -12,5 +12,7 @@ export interface SendResult {
 
 export interface Transport {
   send(message: EmailMessage): Promise<SendResult>;
+  /** Connect and authenticate without sending, to check the setup. */
+  verify(): Promise<void>;
   close(): Promise<void>;
 }
