@@ -13,6 +13,7 @@ import { createMailer } from "../shared/mailer.js";
 import type { EmailMessageInput } from "../shared/message/schema.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { openContainer } from "../shared/storage/storageClients.js";
+import { poisonCommand } from "./poisonCommand.js";
 import { runWorker } from "./worker.js";
 
 const usage = `queue-mailer: queued transactional email over Outlook SMTP with OAuth2 (XOAUTH2)
@@ -28,6 +29,9 @@ Usage:
   queue-mailer expiry [--json]        Report certificates and secrets by expiry (Key Vault, CERT_PATH, app
                                       registration). Exits 1 when anything is expired, within
                                       EXPIRY_CRITICAL_DAYS, or could not be checked. Sends and stores nothing.
+  queue-mailer poison list [--json]   Show poisoned messages with their reasons.
+  queue-mailer poison requeue (--id ID ... | --all)
+                                      Put poisoned messages back on MAIL_QUEUE after a fix.
   queue-mailer --help                 This text.
 
 Settings come from the environment and from local.settings.json "Values" (environment wins).
@@ -142,6 +146,8 @@ export async function main(argv: string[]): Promise<number> {
         return await enqueueCommand(rest);
       case "expiry":
         return await expiryCommand(rest);
+      case "poison":
+        return await poisonCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

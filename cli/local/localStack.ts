@@ -21,6 +21,8 @@ export interface LocalStackOptions {
   outboxDir?: string;
   preferDefaultPorts?: boolean;
   fault?: SmtpSinkOptions["fault"];
+  /** Lifetime of issued access tokens (default 3600). */
+  accessTokenTtlSeconds?: number;
   /** The client certificate the OAuth server trusts; generated when absent. */
   clientCertificate?: CertificateAndKey;
 }
@@ -50,7 +52,12 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
   const azurite = await startAzurite({ preferDefaultPorts: options.preferDefaultPorts ?? false });
   let oauth: OAuthServer | undefined;
   try {
-    oauth = await startOAuthServer({ clientId: LOCAL_CLIENT_ID, tenantId: LOCAL_TENANT_ID, certificatePem: clientCertificate.certificatePem });
+    oauth = await startOAuthServer({
+      clientId: LOCAL_CLIENT_ID,
+      tenantId: LOCAL_TENANT_ID,
+      certificatePem: clientCertificate.certificatePem,
+      ...(options.accessTokenTtlSeconds === undefined ? {} : { accessTokenTtlSeconds: options.accessTokenTtlSeconds }),
+    });
     const verifier = oauth;
     const smtp = await startSmtpSink({
       tls: { key: smtpTls.privateKeyPem, cert: smtpTls.certificatePem },
