@@ -42,7 +42,7 @@ export function classifySmtpError(raw: unknown): MailerError {
     return smtpError("SMTP_CONNECTION_FAILED", "transient", error);
   }
   if (status >= 400 && status < 500) {
-    if (status === 432 || /thread limit|4\.3\.2/.test(reply)) {
+    if (status === 432 || /limit exceeded|throttl/i.test(reply)) {
       return smtpError("SMTP_THROTTLED", "transient", error, "Exchange allows 3 concurrent connections and 30 messages a minute per mailbox: lower SMTP_MAX_CONNECTIONS or SEND_RATE_PER_MINUTE, or spread load over mailboxes.");
     }
     return smtpError("SMTP_TEMPORARY_FAILURE", "transient", error);
