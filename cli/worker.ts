@@ -112,8 +112,10 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
       }
       continue;
     }
+    // Like the host's newBatchThreshold: fetch the next batch once half of this one is done,
+    // not one message at a time.
     const capacity = batchSize - inflight.size;
-    if (capacity <= 0) {
+    if (inflight.size > batchSize / 2) {
       await Promise.race(inflight);
       continue;
     }

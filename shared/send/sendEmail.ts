@@ -9,7 +9,8 @@ import type { EmailMessage } from "../message/schema.js";
 import { TokenProvider } from "../token/tokenProvider.js";
 import { createSmtpTransport } from "../transport/smtpTransport.js";
 import type { SendResult, Transport } from "../transport/transport.js";
-import { slidingWindowLimiter, type RateLimiter } from "./rateLimiter.js";
+import { tableConnectionSlots } from "./connectionSlots.js";
+import { tableRateLimiter, type RateLimiter } from "./rateLimiter.js";
 import { tableSendLedger, type SendLedger } from "./sendLedger.js";
 
 export type SendOutcome =
@@ -36,8 +37,9 @@ export interface SenderParts {
 export function createSender(config: SendConfig, logger: Logger, parts: SenderParts = {}): Sender {
   const credential = credentialSourceFor(config.auth, logger);
   const tokens = new TokenProvider({ tokenUrl: config.auth.tokenUrl, clientId: config.auth.clientId, scope: config.auth.scope, credential, logger });
-  const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger);
-  const rateLimiter = parts.rateLimiter ?? slidingWindowLimiter(config.smtp.ratePerMinute);
+  // The per-mailbox limits hold across instances: both live in Table storage.
+  const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger, { connectionSlots: tableConnectionSlots(config.storage, config.smtp.user, config.smtp.maxConnections) });
+  const rateLimiter = parts.rateLimiter ?? tableRateLimiter(config.storage, config.smtp.user, config.smtp.ratePerMinute);
   const ledger = parts.ledger === undefined ? (config.messages.sendLedger ? tableSendLedger(config.storage, config.queue.leaseSeconds) : null) : parts.ledger;
 
   return {

@@ -47,21 +47,14 @@ export function tableSendLedger(storage: StorageConfig, leaseSeconds: number, no
     async begin(id) {
       const client = await getTable();
       const { partitionKey, rowKey } = keys(id);
-      let existing: (LedgerEntity & { etag: string }) | undefined;
+      // Most messages are new: try the insert first (one request), read only on conflict.
       try {
-        existing = (await client.getEntity<LedgerEntity>(partitionKey, rowKey)) as LedgerEntity & { etag: string };
+        await client.createEntity<LedgerEntity>({ partitionKey, rowKey, status: "sending", attempts: 1, startedAt: now() });
+        return { state: "go", attempt: 1, previousOutcomeUnknown: false };
       } catch (error) {
-        if (statusOf(error) !== 404) throw error;
+        if (statusOf(error) !== 409) throw error;
       }
-      if (!existing) {
-        try {
-          await client.createEntity<LedgerEntity>({ partitionKey, rowKey, status: "sending", attempts: 1, startedAt: now() });
-          return { state: "go", attempt: 1, previousOutcomeUnknown: false };
-        } catch (error) {
-          if (statusOf(error) === 409) return { state: "busy" };
-          throw error;
-        }
-      }
+      const existing = (await client.getEntity<LedgerEntity>(partitionKey, rowKey)) as LedgerEntity & { etag: string };
       if (existing.status === "sent") return { state: "sent", messageId: existing.messageId ?? "", sentAt: existing.sentAt ?? "" };
       if (existing.status === "sending" && now() - existing.startedAt < leaseSeconds * 1000) return { state: "busy" };
       try {

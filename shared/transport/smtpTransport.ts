@@ -2,6 +2,7 @@
 // are opened once and reused across messages and invocations, and each new connection asks the
 // TokenProvider for the (shared, cached) token through nodemailer's oauth2 provisioning hook.
 import { createHash } from "node:crypto";
+import { connect, type Socket } from "node:net";
 import nodemailer from "nodemailer";
 import type { SmtpConfig } from "../config.js";
 import type { Logger } from "../log.js";
@@ -10,6 +11,7 @@ import type { TokenProvider } from "../token/tokenProvider.js";
 import { toMailerError } from "../errors.js";
 import { classifySmtpError } from "./smtpErrors.js";
 import type { SendResult, Transport } from "./transport.js";
+import type { ConnectionSlots } from "../send/connectionSlots.js";
 
 export interface SmtpTransportStats {
   tokenProvisions: number;
@@ -25,7 +27,39 @@ export function messageIdFor(id: string, mailbox: string): string {
   return `<qm.${createHash("sha256").update(id).digest("base64url").slice(0, 32)}@${domain}>`;
 }
 
-export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, logger: Logger): Transport & { stats: SmtpTransportStats } {
+/**
+ * Opens the TCP connection itself once a cross-instance connection slot is held, and frees the
+ * slot when the connection closes (nodemailer then does STARTTLS and AUTH on it as usual).
+ */
+function slotBoundSocket(slots: ConnectionSlots) {
+  return (options: { host?: string; port?: number }, callback: (error: Error | null, socketOptions?: { connection: Socket }) => void) => {
+    slots.acquire().then(
+      (lease) => {
+        let answered = false;
+        const socket = connect({ host: options.host ?? "localhost", port: options.port ?? 587 });
+        socket.once("close", () => lease.release());
+        socket.once("connect", () => {
+          answered = true;
+          callback(null, { connection: socket });
+        });
+        socket.once("error", (error) => {
+          if (answered) return; // from here on nodemailer owns the socket and its errors
+          answered = true;
+          lease.release();
+          callback(error);
+        });
+      },
+      (error: unknown) => callback(error as Error),
+    );
+  };
+}
+
+export function createSmtpTransport(
+  smtp: SmtpConfig,
+  tokens: TokenProvider,
+  logger: Logger,
+  options: { connectionSlots?: ConnectionSlots } = {},
+): Transport & { stats: SmtpTransportStats } {
   const stats: SmtpTransportStats = { tokenProvisions: 0, tokenRenewals: 0 };
   const transporter = nodemailer.createTransport({
     pool: true,
@@ -40,6 +74,7 @@ export function createSmtpTransport(smtp: SmtpConfig, tokens: TokenProvider, log
     socketTimeout: 60_000,
     auth: { type: "OAuth2", user: smtp.user },
     logger: false,
+    ...(options.connectionSlots ? { getSocket: slotBoundSocket(options.connectionSlots) } : {}),
   });
   transporter.set("oauth2_provision_cb", (_user: string, renew: boolean, callback: (error: Error | null, token?: string, expires?: number) => void) => {
     stats.tokenProvisions += 1;

@@ -1,0 +1,63 @@
+// Exchange allows 3 concurrent SMTP connections per mailbox; a fourth gets 432 4.3.2. Every
+// instance keeps its own pool, so the cap is held in Table storage: a connection may open only
+// while it holds one of `size` leased slots. The lease is renewed while the connection lives and
+// released when it closes; a crashed instance's slots free themselves when their lease runs out.
+import type { TableClient } from "@azure/data-tables";
+import type { StorageConfig } from "../config.js";
+import { claimSlot, type SlotRow } from "../storage/slotTable.js";
+import { openTable, tableKey } from "../storage/storageClients.js";
+
+export const CONNECTION_TABLE = "smtpconnections";
+
+export interface ConnectionLease {
+  release(): void;
+}
+
+export interface ConnectionSlots {
+  acquire(): Promise<ConnectionLease>;
+}
+
+export function tableConnectionSlots(
+  storage: StorageConfig,
+  mailbox: string,
+  size: number,
+  options: { leaseMs?: number; heartbeatMs?: number; table?: () => Promise<TableClient> } = {},
+): ConnectionSlots {
+  const leaseMs = options.leaseMs ?? 60_000;
+  const heartbeatMs = options.heartbeatMs ?? leaseMs / 3;
+  let table: Promise<TableClient> | undefined;
+  const getTable = options.table ?? (() => (table ??= openTable(storage, CONNECTION_TABLE)));
+  const partition = tableKey(mailbox.toLowerCase());
+  return {
+    async acquire() {
+      const client = await getTable();
+      let slot: SlotRow;
+      for (;;) {
+        const now = Date.now();
+        const result = await claimSlot(client, partition, size, (row) => !row || row.at <= now, (row) => row.at, now + leaseMs);
+        if ("claimed" in result) {
+          slot = result.claimed;
+          break;
+        }
+        // A slot frees when its lease ends or, usually sooner, when its connection closes.
+        await new Promise((resolve) => setTimeout(resolve, Math.max(20, Math.min(250, result.retryAt - Date.now())) + Math.random() * 50));
+      }
+      let released = false;
+      const heartbeat = setInterval(() => {
+        client.updateEntity({ ...slot, at: Date.now() + leaseMs }, "Replace", { etag: slot.etag ?? "*" }).then(
+          (r) => (slot = { ...slot, ...(r.etag ? { etag: r.etag } : {}) }),
+          () => undefined, // lost the row (clock jump, manual edit): the next acquire sorts it out
+        );
+      }, heartbeatMs);
+      heartbeat.unref();
+      return {
+        release() {
+          if (released) return;
+          released = true;
+          clearInterval(heartbeat);
+          void client.updateEntity({ ...slot, at: 0 }, "Replace", { etag: slot.etag ?? "*" }).catch(() => undefined);
+        },
+      };
+    },
+  };
+}
