@@ -2,6 +2,7 @@
 // claim check to its blob, validates, applies the recipient sandbox, loads attachment blobs and
 // enforces MAX_MESSAGE_BYTES. Blobs are read by name from one container only (no URLs: no SSRF).
 import type { ContainerClient } from "@azure/storage-blob";
+import addressparser from "nodemailer/lib/addressparser";
 import type { MessagePolicy } from "../config.js";
 import { MailerError } from "../errors.js";
 import { decodeQueueText } from "../queue/decode.js";
@@ -30,6 +31,10 @@ async function readBlob(container: ContainerClient, name: string, field: string,
   } catch (error) {
     if (error instanceof MailerError) throw error;
     const status = statusOf(error);
+    if (status === 404 && (error as { details?: { errorCode?: string } }).details?.errorCode === "ContainerNotFound") {
+      // Our setup, not the message: every blob message would fail the same way.
+      throw new MailerError("STORAGE_CONTAINER_NOT_FOUND", `the attachments container "${container.containerName}" does not exist`, { kind: "config", hint: "Create it or set ATTACHMENT_CONTAINER to the container producers upload to.", cause: error });
+    }
     if (status === 404) throw new MessageError("MESSAGE_BLOB_NOT_FOUND", `${field}: no blob "${name}" in container "${container.containerName}"`, field);
     if (status === 401 || status === 403) {
       throw new MailerError("STORAGE_ACCESS_DENIED", `reading blob "${name}" from "${container.containerName}" was refused (${status})`, {
@@ -51,8 +56,8 @@ function parseJson(text: string, what: string): unknown {
 }
 
 function domainOf(address: string): string {
-  const match = address.match(/<([^>]*)>\s*$/);
-  const spec = (match?.[1] ?? address).trim();
+  // The address nodemailer will send to (RCPT TO), parsed exactly as nodemailer parses it.
+  const spec = addressparser(address, { flatten: true })[0]?.address ?? "";
   return spec.slice(spec.lastIndexOf("@") + 1).toLowerCase();
 }
 
@@ -67,7 +72,9 @@ export async function resolveMessage(
   if (isClaimCheck(json)) {
     if (typeof json.claimCheck !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", "claimCheck must be a blob name (string)", "claimCheck");
     claimCheckBlob = checkBlobName("claimCheck", json.claimCheck);
-    const body = await readBlob(await attachments(), claimCheckBlob, "claimCheck", policy.maxMessageBytes);
+    // The blob holds attachments as base64 (4/3 of their size) plus JSON: allow for that here;
+    // the exact decoded-size check below still applies.
+    const body = await readBlob(await attachments(), claimCheckBlob, "claimCheck", policy.maxMessageBytes * 2 + 64 * 1024);
     json = parseJson(body.toString("utf8"), `claim-check blob "${claimCheckBlob}"`);
   }
   const message = validateMessage(json, defaults);
