@@ -185,6 +185,39 @@ describe("a worker killed with SIGKILL mid-batch", () => {
     assert.ok(repeated.length <= 32, `repeats bounded by the batch in flight: ${repeated.length}`);
     console.log(`# SIGKILL after ${atKill} deliveries: ${delivered.size} delivered, ${repeated.length} repeated (same Message-ID), ${resends.length} unknown-outcome resends`);
   });
+
+  it("SIGTERM finishes the sends in flight, leaves the rest in the queue, and loses nothing", async () => {
+    stack.smtp.messages.length = 0;
+    const env = { ...stack.env, LEASE_SECONDS: "30", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "16" };
+    const queues = await openMailQueues(loadStorageConfig(env));
+    await queues.queue.clearMessages();
+    const ids = await enqueueMany(queues, 300, "term");
+    const worker = startWorker(env, []);
+    await new Promise<void>((resolve) => {
+      const stop = stack.smtp.onMessage(() => {
+        if (stack.smtp.messages.length >= 50) {
+          stop();
+          worker.child.kill("SIGTERM");
+          resolve();
+        }
+      });
+    });
+    const began = Date.now();
+    assert.equal(await worker.exited, 0, worker.lines.join("\n"));
+    assert.ok(Date.now() - began < 10_000, "stops promptly");
+    const deliveredAtStop = stack.smtp.messages.length;
+    const stopped = worker.lines.map((l) => JSON.parse(l) as { event: string; sent?: number }).find((r) => r.event === "worker.stopped");
+    assert.equal(stopped?.sent, deliveredAtStop, "every send it started was finished and acknowledged");
+    // Nothing it took is left hidden under its lease: the rest is visible right away.
+    const left = (await queues.queue.peekMessages({ numberOfMessages: 32 })).peekedMessageItems.length;
+    assert.ok(left > 0);
+    assert.equal((await queues.queue.getProperties()).approximateMessagesCount, ids.length - deliveredAtStop);
+    const rest = startWorker(env, ["--drain"]);
+    assert.equal(await rest.exited, 0);
+    const delivered = countBy(stack.smtp.messages.map((m) => m.headers["message-id"]?.[0] ?? ""));
+    assert.equal(delivered.size, ids.length);
+    assert.deepEqual([...delivered.values()].filter((n) => n > 1), [], "nothing sent twice");
+  });
 });
 
 describe("a misconfigured certificate", () => {
