@@ -38,12 +38,8 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
       const error = circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" });
       return { status: "wait", afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)), error };
     }
-    const sent = await sender.send(message);
+    const sent = await sender.send(message, meta.dequeueCount > 1);
     circuit.close();
-    if (sent.status === "busy") {
-      const error = new MailerError("LEDGER_BUSY", `message ${id} is being sent by another worker`, { kind: "transient" });
-      return { status: "retry", afterSeconds: policy.leaseSeconds, error };
-    }
     if (claimCheckBlob !== undefined) {
       // The claim check served its purpose; a failure here only leaves a blob behind.
       await deps.attachments().then((c) => c.deleteBlob(claimCheckBlob)).catch(() => undefined);

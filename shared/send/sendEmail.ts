@@ -14,14 +14,13 @@ import { tableRateLimiter, type RateLimiter } from "./rateLimiter.js";
 import { tableSendLedger, type SendLedger } from "./sendLedger.js";
 
 export type SendOutcome =
-  | { status: "sent"; result: SendResult; attempt: number; resentAfterUnknownOutcome: boolean }
+  | { status: "sent"; result: SendResult; resentAfterUnknownOutcome: boolean }
   /** The ledger shows it was sent already: acknowledge, do not send again. */
-  | { status: "duplicate"; messageId: string; sentAt: string }
-  /** Another worker is sending it right now. */
-  | { status: "busy" };
+  | { status: "duplicate"; messageId: string; sentAt: string };
 
 export interface Sender {
-  send(message: EmailMessage): Promise<SendOutcome>;
+  /** `redelivery`: the queue handed this message out before (dequeue count above 1). */
+  send(message: EmailMessage, redelivery: boolean): Promise<SendOutcome>;
   /** Prove the setup works without a message: a token, and an SMTP connection that authenticates. */
   probe(): Promise<void>;
   readonly tokens: TokenProvider;
@@ -40,15 +39,15 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
   // The per-mailbox limits hold across instances: both live in Table storage.
   const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger, { connectionSlots: tableConnectionSlots(config.storage, config.smtp.user, config.smtp.maxConnections) });
   const rateLimiter = parts.rateLimiter ?? tableRateLimiter(config.storage, config.smtp.user, config.smtp.ratePerMinute);
-  const ledger = parts.ledger === undefined ? (config.messages.sendLedger ? tableSendLedger(config.storage, config.queue.leaseSeconds) : null) : parts.ledger;
+  const ledger = parts.ledger === undefined ? (config.messages.sendLedger ? tableSendLedger(config.storage) : null) : parts.ledger;
 
   return {
     tokens,
-    async send(message) {
-      const decision = ledger ? await ledger.begin(message.id) : ({ state: "go", attempt: 1, previousOutcomeUnknown: false } as const);
-      if (decision.state !== "go") return decision.state === "sent" ? { status: "duplicate", messageId: decision.messageId, sentAt: decision.sentAt } : { status: "busy" };
+    async send(message, redelivery) {
+      const decision = ledger ? await ledger.begin(message.id, redelivery) : ({ state: "go", previousOutcomeUnknown: false } as const);
+      if (decision.state === "sent") return { status: "duplicate", messageId: decision.messageId, sentAt: decision.sentAt };
       if (decision.previousOutcomeUnknown) {
-        logger.log("warn", "message.resend_unknown_outcome", { id: message.id, attempt: decision.attempt, note: "a previous attempt may have been delivered; resending with the same Message-ID" });
+        logger.log("warn", "message.resend_unknown_outcome", { id: message.id, note: "a previous attempt may have been delivered; resending with the same Message-ID" });
       }
       await rateLimiter.acquire();
       let result: SendResult;
@@ -66,7 +65,7 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
         // Sent, but not recorded: a redelivery would send again (same Message-ID). Say so.
         logger.log("error", "ledger.write_failed", { id: message.id, error: (error as Error).message });
       }
-      return { status: "sent", result, attempt: decision.attempt, resentAfterUnknownOutcome: decision.previousOutcomeUnknown };
+      return { status: "sent", result, resentAfterUnknownOutcome: decision.previousOutcomeUnknown };
     },
     async probe() {
       // A fresh token: the cached one may be what the server refused.
