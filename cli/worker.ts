@@ -95,7 +95,7 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
     inflight.add(task);
   }
 
-  logger.log("info", "worker.started", { queue: mailer.config.storage.queueName, batchSize, leaseSeconds, drain: options.drain === true });
+  logger.log("info", "worker.started", { queue: mailer.config.storage.queueName, batchSize, leaseSeconds, drain: options.drain === true, memory: memory() });
   while (!signal?.aborted) {
     if (mailer.circuit.isOpen) {
       // Take nothing while our setup is broken; the messages keep their attempts.
@@ -131,8 +131,13 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
     idlePoll = Math.min(maxPoll, idlePoll * 2);
   }
   await Promise.allSettled(inflight);
-  logger.log("info", "worker.stopped", { sent: summary.sent, duplicates: summary.duplicates, poisoned: summary.poisoned, retried: summary.retried, waited: summary.waited, circuitOpen: summary.circuitOpen?.code });
+  logger.log("info", "worker.stopped", { sent: summary.sent, duplicates: summary.duplicates, poisoned: summary.poisoned, retried: summary.retried, waited: summary.waited, circuitOpen: summary.circuitOpen?.code, memory: memory() });
   return summary;
+}
+
+/** Resident memory now and at its peak, for operators and the benchmark. */
+function memory(): { rssBytes: number; peakRssBytes: number } {
+  return { rssBytes: process.memoryUsage.rss(), peakRssBytes: process.resourceUsage().maxRSS * 1024 };
 }
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {

@@ -44,6 +44,7 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "SMTP_USER", type: "string", requiredFor: ["send"], description: "Mailbox the app signs in as (XOAUTH2 `user=`); messages are sent from it." },
   { name: "SMTP_MAX_CONNECTIONS", type: "integer", default: "3", min: 1, description: "Pooled SMTP connections per process (Exchange allows 3 per mailbox)." },
   { name: "SEND_RATE_PER_MINUTE", type: "integer", default: "30", min: 0, description: "Messages per minute per mailbox from this process (Exchange: 30); 0 turns the limit off." },
+  { name: "SEND_RATE_WINDOW_SECONDS", type: "integer", default: "60", min: 1, description: "The window `SEND_RATE_PER_MINUTE` is counted over (Exchange: a minute). Change only for servers that count differently, or to scale a test down." },
   { name: "MAX_DEQUEUE_COUNT", type: "integer", default: "5", min: 1, description: "Attempts before a message is poisoned; keep equal to `maxDequeueCount` in host.json." },
   { name: "LEASE_SECONDS", type: "integer", default: "60", min: 5, description: "Worker: how long a taken message stays hidden while it is being sent." },
   { name: "RETRY_BASE_SECONDS", type: "integer", default: "10", min: 0, description: "First retry delay after a transient failure; doubles per attempt." },
@@ -95,6 +96,7 @@ export interface SmtpConfig {
   user: string;
   maxConnections: number;
   ratePerMinute: number;
+  rateWindowSeconds: number;
 }
 
 export interface QueuePolicy {
@@ -288,6 +290,7 @@ export function loadSendConfig(env: Env): SendConfig {
     user: smtpUser,
     maxConnections: reader.integer("SMTP_MAX_CONNECTIONS"),
     ratePerMinute: reader.integer("SEND_RATE_PER_MINUTE"),
+    rateWindowSeconds: reader.integer("SEND_RATE_WINDOW_SECONDS"),
   };
   const queue: QueuePolicy = {
     maxDequeueCount: reader.integer("MAX_DEQUEUE_COUNT"),

@@ -38,7 +38,7 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
   const tokens = new TokenProvider({ tokenUrl: config.auth.tokenUrl, clientId: config.auth.clientId, scope: config.auth.scope, credential, logger });
   // The per-mailbox limits hold across instances: both live in Table storage.
   const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger, { connectionSlots: tableConnectionSlots(config.storage, config.smtp.user, config.smtp.maxConnections) });
-  const rateLimiter = parts.rateLimiter ?? tableRateLimiter(config.storage, config.smtp.user, config.smtp.ratePerMinute);
+  const rateLimiter = parts.rateLimiter ?? tableRateLimiter(config.storage, config.smtp.user, config.smtp.ratePerMinute, { windowMs: config.smtp.rateWindowSeconds * 1000 });
   const ledger = parts.ledger === undefined ? (config.messages.sendLedger ? tableSendLedger(config.storage) : null) : parts.ledger;
 
   return {
@@ -49,16 +49,18 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
       if (decision.previousOutcomeUnknown) {
         logger.log("warn", "message.resend_unknown_outcome", { id: message.id, note: "a previous attempt may have been delivered; resending with the same Message-ID" });
       }
-      await rateLimiter.acquire();
+      const permit = await rateLimiter.acquire();
       let result: SendResult;
       try {
         result = await transport.send(message);
       } catch (error) {
+        permit.release();
         const failure = toMailerError(error);
         // A lost connection may have happened after the server took the message.
         await ledger?.fail(message.id, failure.code, failure.code === "SMTP_CONNECTION_FAILED");
         throw failure;
       }
+      permit.release();
       try {
         await ledger?.complete(message.id, result);
       } catch (error) {

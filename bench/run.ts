@@ -1,0 +1,386 @@
+// `npm run bench`: what the sender costs on top of SMTP itself, measured in one run on one machine
+// against the same local servers (Azurite, the OAuth server, the token-checking SMTP sink, the Key
+// Vault double). Ratios matter more than absolute numbers: this machine is shared and noisy.
+//
+//   ours      `queue-mailer worker --drain` as a separate process, production path: certificate from
+//             the Key Vault double, assertion, token, pooled XOAUTH2 SMTP, ledger; rate limit off.
+//   rawSmtp   nodemailer, same pool size, straight to the sink with one token.
+//   rawQueue  the same messages received and deleted from Azurite, no sending.
+//   naive     what people write by hand: per message a token request and a new transport.
+import { spawn } from "node:child_process";
+import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { cpus, totalmem } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import nodemailer from "nodemailer";
+import type { QueueClient } from "@azure/storage-queue";
+import { startLocalStack, LOCAL_MAILBOX, type LocalStack } from "../cli/local/localStack.js";
+import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
+import { loadSendConfig, loadStorageConfig } from "../shared/config.js";
+import { certificateCredential } from "../shared/auth/credentialSource.js";
+import { fileCertificateSource } from "../shared/auth/certificateSource.js";
+import { silentLogger } from "../shared/log.js";
+import { encodeQueueText, openMailQueues } from "../shared/queue/mailQueue.js";
+import { TokenProvider } from "../shared/token/tokenProvider.js";
+import { startKeyVaultDouble, type KeyVaultDouble } from "../test/support/keyVaultDouble.js";
+
+const { values } = parseArgs({
+  options: { messages: { type: "string", default: "5000" }, naive: { type: "string", default: "300" }, out: { type: "string", default: "bench/results/latest.json" } },
+  strict: true,
+});
+const N = Number(values.messages);
+const NAIVE = Math.min(N, Number(values.naive));
+const POOL = 3; // Exchange's per-mailbox connection cap: the same for every contender
+const BATCH = 32;
+const root = fileURLToPath(new URL("..", import.meta.url));
+const bin = join(root, "bin/queue-mailer.js");
+const workDir = resolve(root, ".bench");
+const caDir = join(workDir, "ca");
+
+const log = (line: string) => process.stderr.write(`${line}\n`);
+const seconds = (ms: number) => ms / 1000;
+const rate = (count: number, ms: number) => Math.round((count / seconds(ms)) * 10) / 10;
+
+function messageJson(i: number, extra: Record<string, unknown> = {}): string {
+  return JSON.stringify({ id: `bench-${i}-${Math.random().toString(36).slice(2)}`, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: `Thank you for order ${i}.\nTotal: 42.00`, ...extra });
+}
+
+async function fill(queue: QueueClient, count: number, make: (i: number) => string = messageJson): Promise<void> {
+  await queue.clearMessages();
+  for (let start = 0; start < count; start += 64) {
+    await Promise.all(Array.from({ length: Math.min(64, count - start) }, (_, k) => queue.sendMessage(encodeQueueText(make(start + k)))));
+  }
+}
+
+interface WorkerRun {
+  exitCode: number | null;
+  startedAt: number;
+  stoppedAt: number;
+  memoryAtStart: { rssBytes: number; peakRssBytes: number };
+  memoryAtStop: { rssBytes: number; peakRssBytes: number };
+  sent: number;
+}
+
+/** `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back. */
+function runWorker(env: Record<string, string>, args: string[], until?: Promise<unknown>): Promise<WorkerRun> {
+  const child = spawn(process.execPath, [bin, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
+  let buffer = "";
+  const run: Partial<WorkerRun> = {};
+  child.stderr.on("data", (chunk: Buffer) => {
+    buffer += chunk.toString();
+    const lines = buffer.split("\n");
+    buffer = lines.pop() ?? "";
+    for (const line of lines) {
+      if (!line.includes('"worker.st')) continue;
+      const record = JSON.parse(line) as { event: string; time: string; memory: WorkerRun["memoryAtStart"]; sent?: number };
+      if (record.event === "worker.started") {
+        run.startedAt = Date.parse(record.time);
+        run.memoryAtStart = record.memory;
+      } else if (record.event === "worker.stopped") {
+        run.stoppedAt = Date.parse(record.time);
+        run.memoryAtStop = record.memory;
+        run.sent = record.sent ?? 0;
+      }
+    }
+  });
+  void until?.then(() => child.kill("SIGTERM"));
+  return new Promise((resolveRun) => child.on("exit", (code) => resolveRun({ ...(run as WorkerRun), exitCode: code })));
+}
+
+function percentile(sorted: number[], p: number): number {
+  return sorted.length === 0 ? 0 : (sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0);
+}
+
+interface SinkMessage {
+  receivedAt: number;
+  messageId: string;
+  enqueuedAt?: number;
+}
+
+/**
+ * The token-checking SMTP sink of the local stack, seen through what the benchmark needs. It runs in
+ * this process, so rawSmtp pays for the server here as well, like ours does.
+ */
+function sinkOf(stack: LocalStack, capState: { current: { limit: number; windowMs: number; accepted: number[] } | undefined; throttled: number }) {
+  const messages: SinkMessage[] = [];
+  const listeners = new Set<(m: SinkMessage) => void>();
+  stack.smtp.onMessage((m) => {
+    const enqueuedAt = Number(m.headers["x-enqueued-at"]?.[0]);
+    const event: SinkMessage = { receivedAt: m.receivedAt.getTime(), messageId: m.headers["message-id"]?.[0] ?? "", ...(Number.isFinite(enqueuedAt) ? { enqueuedAt } : {}) };
+    messages.push(event);
+    stack.smtp.messages.length = 0; // keep this process's memory flat over long runs
+    for (const listener of [...listeners]) listener(event);
+  });
+  return {
+    port: stack.smtp.port,
+    messages,
+    onMessage(listener: (m: SinkMessage) => void) {
+      listeners.add(listener);
+      return () => listeners.delete(listener);
+    },
+    rateCap(limit: number, windowMs: number) {
+      capState.current = { limit, windowMs, accepted: [] };
+      capState.throttled = 0;
+    },
+    rateCapOff() {
+      capState.current = undefined;
+    },
+    stats: () => ({ connections: stack.smtp.stats.connections, auths: stack.smtp.stats.auths, throttled: capState.throttled }),
+    resetStats: () => stack.smtp.resetStats(),
+  };
+}
+
+async function main(): Promise<void> {
+  mkdirSync(workDir, { recursive: true });
+  // The rate-cap phase turns this on: 432 4.3.2 once more than `limit` messages arrived within
+  // the window, as Exchange does past 30 a minute.
+  const capState: Parameters<typeof sinkOf>[1] = { current: undefined, throttled: 0 };
+  const stack: LocalStack = await startLocalStack({
+    caDir,
+    workDir,
+    fault: ({ phase }): SmtpFaultAction | undefined => {
+      const cap = capState.current;
+      if (!cap || phase !== "mail") return undefined;
+      const now = Date.now();
+      cap.accepted = cap.accepted.filter((t) => t > now - cap.windowMs);
+      if (cap.accepted.length >= cap.limit) {
+        capState.throttled += 1;
+        return { reply: 432, message: "4.3.2 STOREDRV.ClientSubmit; sender submission rate limit exceeded" };
+      }
+      cap.accepted.push(now);
+      return undefined;
+    },
+  });
+  const sink = sinkOf(stack, capState);
+  const kv: KeyVaultDouble = await startKeyVaultDouble({ caDir });
+  kv.putCertificate("smtp-sender", { ...stack.clientCertificate, contentType: "application/x-pkcs12" });
+  const ca = readFileSync(stack.caPath, "utf8");
+  const results: Record<string, unknown> = {};
+  try {
+    const base = { ...stack.env, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
+    const storageFor = (queue: string) => loadStorageConfig({ ...base, MAIL_QUEUE: queue });
+
+    // rawQueue: receive and delete, BATCH in flight like the worker, no sending.
+    log(`rawQueue: ${N} messages…`);
+    const raw = await openMailQueues(storageFor("bench-raw"));
+    await fill(raw.queue, N);
+    let rawQueueMs: number;
+    {
+      const began = Date.now();
+      let done = 0;
+      const inflight = new Set<Promise<void>>();
+      while (done < N) {
+        if (inflight.size > BATCH / 2) {
+          await Promise.race(inflight);
+          continue;
+        }
+        const { receivedMessageItems } = await raw.queue.receiveMessages({ numberOfMessages: BATCH - inflight.size });
+        if (receivedMessageItems.length === 0 && inflight.size === 0) break;
+        for (const m of receivedMessageItems) {
+          const p: Promise<void> = raw.queue.deleteMessage(m.messageId, m.popReceipt).then(() => {
+            done += 1;
+            inflight.delete(p);
+          });
+          inflight.add(p);
+        }
+        if (receivedMessageItems.length === 0) await Promise.race(inflight);
+      }
+      await Promise.all(inflight);
+      rawQueueMs = Date.now() - began;
+    }
+
+    // rawSmtp: nodemailer with the same pool size and one token.
+    log(`rawSmtp: ${N} messages…`);
+    const fileConfig = loadSendConfig({ ...stack.env, MAIL_QUEUE: "bench-raw" });
+    const tokens = new TokenProvider({ tokenUrl: stack.oauth.tokenUrl, clientId: fileConfig.auth.clientId, scope: stack.oauth.scope, credential: certificateCredential(fileConfig.auth, silentLogger, fileCertificateSource(stack.certPath)), logger: silentLogger });
+    const token = (await tokens.getToken()).token;
+    let rawSmtpMs: number;
+    {
+      const transport = nodemailer.createTransport({ pool: true, maxConnections: POOL, maxMessages: Infinity, host: "127.0.0.1", port: sink.port, requireTLS: true, tls: { ca }, auth: { type: "OAuth2", user: LOCAL_MAILBOX, accessToken: token } });
+      const began = Date.now();
+      await Promise.all(Array.from({ length: N }, (_, i) => transport.sendMail({ from: LOCAL_MAILBOX, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: `Thank you for order ${i}.\nTotal: 42.00` })));
+      rawSmtpMs = Date.now() - began;
+      transport.close();
+    }
+
+    // ours, first on 500 messages (memory baseline), then on N. Fresh worker process each time.
+    const oursEnv = { ...base, MAIL_QUEUE: "bench-ours" };
+    const ours = await openMailQueues(storageFor("bench-ours"));
+    const small = Math.min(500, N);
+    log(`ours: ${small} messages (memory baseline)…`);
+    await fill(ours.queue, small);
+    const smallRun = await runWorker(oursEnv, ["--drain"]);
+    log(`ours: ${N} messages…`);
+    await fill(ours.queue, N);
+    stack.oauth.resetStats();
+    sink.resetStats();
+    kv.resetCounts();
+    const before = sink.messages.length;
+    const oursRun = await runWorker(oursEnv, ["--drain"]);
+    const delivered = sink.messages.slice(before);
+    const last250 = Math.max(...delivered.map((m) => m.receivedAt));
+    const sinkStats = sink.stats();
+    const oursMs = last250 - oursRun.startedAt;
+    const counts = {
+      messages: delivered.length,
+      tokenRequests: stack.oauth.stats.tokenRequests,
+      keyVaultRequests: kv.counts.certificateGets + kv.counts.secretGets,
+      keyVaultChallenges: kv.counts.challenges,
+      keyVaultTokenRequests: kv.counts.tokenRequests,
+      smtpConnections: sinkStats.connections,
+      smtpAuths: sinkStats.auths,
+    };
+
+    // naive: per message a token request and a new transport (POOL at a time: the mailbox cap).
+    log(`naive: ${NAIVE} messages…`);
+    stack.oauth.resetStats();
+    let naiveMs: number;
+    {
+      const began = Date.now();
+      let next = 0;
+      await Promise.all(
+        Array.from({ length: POOL }, async () => {
+          while (next < NAIVE) {
+            const i = next++;
+            const fresh = new TokenProvider({ tokenUrl: stack.oauth.tokenUrl, clientId: fileConfig.auth.clientId, scope: stack.oauth.scope, credential: certificateCredential(fileConfig.auth, silentLogger, fileCertificateSource(stack.certPath)), logger: silentLogger });
+            const accessToken = (await fresh.getToken()).token;
+            const transport = nodemailer.createTransport({ host: "127.0.0.1", port: sink.port, requireTLS: true, tls: { ca }, auth: { type: "OAuth2", user: LOCAL_MAILBOX, accessToken } });
+            await transport.sendMail({ from: LOCAL_MAILBOX, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: "x" });
+            transport.close();
+          }
+        }),
+      );
+      naiveMs = Date.now() - began;
+    }
+    const naiveTokenRequests = stack.oauth.stats.tokenRequests;
+
+    // Latency from enqueue to 250, with the worker running and messages arriving at a steady
+    // rate well below its capacity (as a transactional sender sees them).
+    const latencyCount = Math.min(1000, N);
+    const latencyRate = Math.max(20, Math.min(200, Math.round(rate(N, oursMs) / 2)));
+    log(`latency: ${latencyCount} messages at ${latencyRate}/s…`);
+    const latencyQueue = await openMailQueues(storageFor("bench-latency"));
+    await latencyQueue.queue.clearMessages();
+    const latencies: number[] = [];
+    const allArrived = new Promise<void>((resolveAll) => {
+      const stop = sink.onMessage((m) => {
+        if (m.enqueuedAt === undefined) return;
+        latencies.push(m.receivedAt - m.enqueuedAt);
+        if (latencies.length >= latencyCount) {
+          stop();
+          resolveAll();
+        }
+      });
+    });
+    const latencyWorker = runWorker({ ...base, MAIL_QUEUE: "bench-latency" }, [], allArrived);
+    await new Promise((r) => setTimeout(r, 2_000)); // let it start and take its token
+    for (let i = 0; i < latencyCount; i++) {
+      const due = Date.now() + 1000 / latencyRate;
+      void latencyQueue.queue.sendMessage(encodeQueueText(messageJson(i, { headers: { "X-Enqueued-At": String(Date.now()) } })));
+      await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())));
+    }
+    await allArrived;
+    await latencyWorker;
+    latencies.sort((a, b) => a - b);
+
+    // Rate cap, scaled down: `limit` per `window` instead of 30 a minute.
+    const cap = { limit: 20, windowSeconds: 4, messages: 100 };
+    log(`rate cap: ${cap.messages} messages at ${cap.limit} per ${cap.windowSeconds} s…`);
+    const capQueue = await openMailQueues(storageFor("bench-ratecap"));
+    await fill(capQueue.queue, cap.messages);
+    sink.rateCap(cap.limit, cap.windowSeconds * 1000);
+    const capBefore = sink.messages.length;
+    await runWorker({ ...base, MAIL_QUEUE: "bench-ratecap", SEND_RATE_PER_MINUTE: String(cap.limit), SEND_RATE_WINDOW_SECONDS: String(cap.windowSeconds), RETRY_BASE_SECONDS: "1" }, ["--drain"]);
+    const capTimes = sink.messages.slice(capBefore).map((m) => m.receivedAt).sort((a, b) => a - b);
+    const idealMs = (Math.ceil(cap.messages / cap.limit) - 1) * cap.windowSeconds * 1000;
+    const actualMs = (capTimes.at(-1) ?? 0) - (capTimes[0] ?? 0);
+    const throttled = sink.stats().throttled;
+    sink.rateCapOff();
+
+    const rawSmtp = rate(N, rawSmtpMs);
+    const rawQueue = rate(N, rawQueueMs);
+    const oursRate = rate(counts.messages, oursMs);
+    const naive = rate(NAIVE, naiveMs);
+    const growth = (oursRun.memoryAtStop.rssBytes - smallRun.memoryAtStop.rssBytes) / smallRun.memoryAtStop.rssBytes;
+    const shareOfAllowed = Math.round((idealMs / actualMs) * 1000) / 1000;
+    Object.assign(results, {
+      date: new Date().toISOString(),
+      node: process.version,
+      machine: { cpus: cpus().length, model: cpus()[0]?.model ?? "unknown", totalMemoryBytes: totalmem(), platform: process.platform, arch: process.arch },
+      messages: N,
+      rates: {
+        ours: { messagesPerSecond: oursRate, messages: counts.messages, seconds: seconds(oursMs) },
+        rawSmtp: { messagesPerSecond: rawSmtp, messages: N, seconds: seconds(rawSmtpMs) },
+        rawQueue: { messagesPerSecond: rawQueue, messages: N, seconds: seconds(rawQueueMs) },
+        naive: { messagesPerSecond: naive, messages: NAIVE, seconds: seconds(naiveMs), tokenRequests: naiveTokenRequests },
+      },
+      ratios: { oursVsMinRaw: Math.round((oursRate / Math.min(rawSmtp, rawQueue)) * 100) / 100, oursVsNaive: Math.round((oursRate / naive) * 10) / 10 },
+      counts,
+      latencyMs: { messages: latencies.length, ratePerSecond: latencyRate, p50: percentile(latencies, 50), p95: percentile(latencies, 95), p99: percentile(latencies, 99) },
+      memory: {
+        rssBeforeBytes: oursRun.memoryAtStart.rssBytes,
+        rssAfterBytes: oursRun.memoryAtStop.rssBytes,
+        peakRssBytes: oursRun.memoryAtStop.peakRssBytes,
+        rssAfter500Bytes: smallRun.memoryAtStop.rssBytes,
+        rssAfterNBytes: oursRun.memoryAtStop.rssBytes,
+        growthFrom500ToN: Math.round(growth * 1000) / 1000,
+      },
+      rateCap: { limit: cap.limit, windowSeconds: cap.windowSeconds, messages: capTimes.length, shareOfAllowed, throttlingReplies: throttled },
+    });
+    results["targets"] = {
+      oursAtLeast80PercentOfMinRaw: oursRate >= 0.8 * Math.min(rawSmtp, rawQueue),
+      oneTokenRequest: counts.tokenRequests === 1,
+      atMostTwoKeyVaultReads: counts.keyVaultRequests <= 2,
+      tenTimesNaive: oursRate >= 10 * naive,
+      rateCapAtLeast95Percent: shareOfAllowed >= 0.95,
+      noThrottlingReplies: throttled === 0,
+      rssGrowthWithin20Percent: Math.abs(growth) <= 0.2,
+    };
+  } finally {
+    await kv.close();
+    await stack.stop();
+  }
+
+  const out = resolve(root, values.out);
+  mkdirSync(join(out, ".."), { recursive: true });
+  writeFileSync(out, JSON.stringify(results, null, 2) + "\n");
+  console.log(renderTable(results));
+  console.log(`\nwritten to ${values.out}`);
+}
+
+export function renderTable(r: Record<string, unknown>): string {
+  const x = r as {
+    messages: number; node: string; date: string; machine: { cpus: number; model: string };
+    rates: Record<"ours" | "rawSmtp" | "rawQueue" | "naive", { messagesPerSecond: number; messages: number }>;
+    ratios: { oursVsMinRaw: number; oursVsNaive: number };
+    counts: { tokenRequests: number; keyVaultRequests: number; smtpConnections: number; smtpAuths: number; messages: number };
+    latencyMs: { p50: number; p95: number; p99: number; ratePerSecond: number };
+    memory: { rssAfter500Bytes: number; rssAfterNBytes: number; peakRssBytes: number; rssBeforeBytes: number; growthFrom500ToN: number };
+    rateCap: { limit: number; windowSeconds: number; shareOfAllowed: number; throttlingReplies: number };
+    targets: Record<string, boolean>;
+  };
+  const mb = (b: number) => `${Math.round(b / 1048576)} MB`;
+  const ok = (b: boolean | undefined) => (b ? "met" : "NOT met");
+  return [
+    `| measure | value | target |`,
+    `| --- | --- | --- |`,
+    `| ours (worker, Key Vault cert, token, pooled XOAUTH2, ledger) | ${x.rates.ours.messagesPerSecond} msg/s over ${x.rates.ours.messages} | ≥ 0.8 × min(raw): ${x.ratios.oursVsMinRaw} × (${ok(x.targets["oursAtLeast80PercentOfMinRaw"])}) |`,
+    `| raw SMTP (nodemailer, pool ${3}) | ${x.rates.rawSmtp.messagesPerSecond} msg/s | |`,
+    `| raw queue (receive + delete) | ${x.rates.rawQueue.messagesPerSecond} msg/s | |`,
+    `| naive (token + transport per message) | ${x.rates.naive.messagesPerSecond} msg/s over ${x.rates.naive.messages} | ours ≥ 10×: ${x.ratios.oursVsNaive}× (${ok(x.targets["tenTimesNaive"])}) |`,
+    `| token requests per ${x.counts.messages} messages | ${x.counts.tokenRequests} | 1 (${ok(x.targets["oneTokenRequest"])}) |`,
+    `| Key Vault reads (certificate + key) | ${x.counts.keyVaultRequests} | ≤ 2 (${ok(x.targets["atMostTwoKeyVaultReads"])}) |`,
+    `| SMTP connections / AUTHs | ${x.counts.smtpConnections} / ${x.counts.smtpAuths} | |`,
+    `| latency enqueue → 250 at ${x.latencyMs.ratePerSecond} msg/s (p50 / p95 / p99) | ${x.latencyMs.p50} / ${x.latencyMs.p95} / ${x.latencyMs.p99} ms | |`,
+    `| worker RSS before → after ${x.counts.messages} (peak) | ${mb(x.memory.rssBeforeBytes)} → ${mb(x.memory.rssAfterNBytes)} (${mb(x.memory.peakRssBytes)}) | |`,
+    `| RSS after ${x.messages} vs after 500 | ${mb(x.memory.rssAfterNBytes)} vs ${mb(x.memory.rssAfter500Bytes)} (${Math.round(x.memory.growthFrom500ToN * 100)} %) | within 20 % (${ok(x.targets["rssGrowthWithin20Percent"])}) |`,
+    `| rate cap ${x.rateCap.limit} per ${x.rateCap.windowSeconds} s: share of allowed rate | ${Math.round(x.rateCap.shareOfAllowed * 1000) / 10} % | ≥ 95 % (${ok(x.targets["rateCapAtLeast95Percent"])}) |`,
+    `| throttling replies (432) caused | ${x.rateCap.throttlingReplies} | 0 (${ok(x.targets["noThrottlingReplies"])}) |`,
+    ``,
+    `${x.date.slice(0, 10)}, Node ${x.node}, ${x.machine.cpus} × ${x.machine.model}`,
+  ].join("\n");
+}
+
+await main();
+process.exit(0);
