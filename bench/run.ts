@@ -161,7 +161,8 @@ async function main(): Promise<void> {
     const base = { ...stack.env, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
     const storageFor = (queue: string) => loadStorageConfig({ ...base, MAIL_QUEUE: queue });
 
-    // rawQueue: receive and delete, BATCH in flight like the worker, no sending.
+    // rawQueue: receive and delete with the worker's pipelining (a receive of BATCH whenever fewer
+    // than BATCH are in flight), no sending.
     log(`rawQueue: ${N} messages…`);
     const raw = await openMailQueues(storageFor("bench-raw"));
     await fill(raw.queue, N);
@@ -171,11 +172,11 @@ async function main(): Promise<void> {
       let done = 0;
       const inflight = new Set<Promise<void>>();
       while (done < N) {
-        if (inflight.size > BATCH / 2) {
+        if (inflight.size >= BATCH) {
           await Promise.race(inflight);
           continue;
         }
-        const { receivedMessageItems } = await raw.queue.receiveMessages({ numberOfMessages: BATCH - inflight.size });
+        const { receivedMessageItems } = await raw.queue.receiveMessages({ numberOfMessages: BATCH });
         if (receivedMessageItems.length === 0 && inflight.size === 0) break;
         for (const m of receivedMessageItems) {
           const p: Promise<void> = raw.queue.deleteMessage(m.messageId, m.popReceipt).then(() => {

@@ -112,14 +112,13 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
       }
       continue;
     }
-    // Like the host's newBatchThreshold: fetch the next batch once half of this one is done,
-    // not one message at a time.
-    const capacity = batchSize - inflight.size;
-    if (inflight.size > batchSize / 2) {
+    // Like the host's batchSize + newBatchThreshold: up to two batches in flight, the next one
+    // fetched while the current one is being sent, so a slow receive never leaves the pool idle.
+    if (inflight.size >= batchSize) {
       await Promise.race(inflight);
       continue;
     }
-    const received = await queue.receiveMessages({ numberOfMessages: Math.min(32, capacity), visibilityTimeout: leaseSeconds });
+    const received = await queue.receiveMessages({ numberOfMessages: Math.min(32, batchSize), visibilityTimeout: leaseSeconds });
     for (const message of received.receivedMessageItems) track(message);
     if (received.receivedMessageItems.length > 0) {
       idlePoll = 25;

@@ -61,25 +61,23 @@ export async function startAzurite({ preferDefaultPorts = false }: { preferDefau
   const useDefaults = preferDefaultPorts && (await portIsFree(10000)) && (await portIsFree(10001)) && (await portIsFree(10002));
   const ports = useDefaults ? defaults : { blob: await freePort(), queue: await freePort(), table: await freePort() };
   const require = createRequire(import.meta.url);
-  const script = join(dirname(require.resolve("azurite/package.json")), "dist", "src", "azurite.js");
-  const child = spawn(process.execPath, [
-    script,
-    "--silent", "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--loose",
-    "--blobHost", "127.0.0.1", "--blobPort", String(ports.blob),
-    "--queueHost", "127.0.0.1", "--queuePort", String(ports.queue),
-    "--tableHost", "127.0.0.1", "--tablePort", String(ports.table),
-  ], { stdio: ["ignore", "ignore", "pipe"] });
-  let stderr = "";
-  child.stderr?.on("data", (chunk: Buffer) => {
-    stderr += chunk.toString();
+  const dist = join(dirname(require.resolve("azurite/package.json")), "dist", "src");
+  // One process per service, as in Azure where they are separate services: the queue and the
+  // tables (ledger, limits) then do not share one event loop.
+  const common = ["--silent", "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--loose"];
+  const services = (["queue", "table", "blob"] as const).map((service) => {
+    const child = spawn(process.execPath, [join(dist, service, "main.js"), ...common, `--${service}Host`, "127.0.0.1", `--${service}Port`, String(ports[service])], { stdio: ["ignore", "ignore", "pipe"] });
+    let stderr = "";
+    child.stderr?.on("data", (chunk: Buffer) => {
+      stderr += chunk.toString();
+    });
+    return { service, child, stderr: () => stderr };
   });
   try {
-    await waitForPort(ports.queue, child, 30_000);
-    await waitForPort(ports.table, child, 10_000);
-    await waitForPort(ports.blob, child, 10_000);
+    for (const { service, child } of services) await waitForPort(ports[service], child, 30_000);
   } catch (error) {
-    child.kill("SIGKILL");
-    throw new Error(`${(error as Error).message}\n${stderr}`);
+    for (const { child } of services) child.kill("SIGKILL");
+    throw new Error(`${(error as Error).message}\n${services.map((s) => s.stderr()).join("\n")}`);
   }
   const base = "http://127.0.0.1";
   return {
@@ -88,12 +86,17 @@ export async function startAzurite({ preferDefaultPorts = false }: { preferDefau
       ? "UseDevelopmentStorage=true"
       : `DefaultEndpointsProtocol=http;AccountName=${AZURITE_ACCOUNT};AccountKey=${AZURITE_KEY};` +
         `BlobEndpoint=${base}:${ports.blob}/${AZURITE_ACCOUNT};QueueEndpoint=${base}:${ports.queue}/${AZURITE_ACCOUNT};TableEndpoint=${base}:${ports.table}/${AZURITE_ACCOUNT};`,
-    stop: () =>
-      new Promise<void>((resolve) => {
-        if (child.exitCode !== null) return resolve();
-        child.once("exit", () => resolve());
-        child.kill("SIGTERM");
-        setTimeout(() => child.kill("SIGKILL"), 3_000).unref();
-      }),
+    stop: async () => {
+      await Promise.all(
+        services.map(({ child }) =>
+          new Promise<void>((resolve) => {
+            if (child.exitCode !== null) return resolve();
+            child.once("exit", () => resolve());
+            child.kill("SIGTERM");
+            setTimeout(() => child.kill("SIGKILL"), 3_000).unref();
+          }),
+        ),
+      );
+    },
   };
 }
