@@ -286,7 +286,7 @@ async function main(): Promise<void> {
     latencies.sort((a, b) => a - b);
 
     // Rate cap, scaled down: `limit` per `window` instead of 30 a minute.
-    const cap = { limit: 20, windowSeconds: 4, messages: 100 };
+    const cap = { limit: 20, windowSeconds: 4, messages: Math.min(100, Math.max(41, N)) };
     log(`rate cap: ${cap.messages} messages at ${cap.limit} per ${cap.windowSeconds} s…`);
     const capQueue = await openMailQueues(storageFor("bench-ratecap"));
     await fill(capQueue.queue, cap.messages);

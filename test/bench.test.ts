@@ -1,0 +1,38 @@
+// The benchmark must keep working: run it small and check what it reports (counts and shape, not
+// speed: speed is for `npm run bench` on a quiet machine, not for tests).
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { it } from "node:test";
+import { fileURLToPath } from "node:url";
+
+it("npm run bench (small): one token, two Key Vault reads, a naive token per message, no throttling, every field", async () => {
+  const dir = mkdtempSync(join(tmpdir(), "qm-bench-"));
+  const out = join(dir, "latest.json");
+  try {
+    const root = fileURLToPath(new URL("..", import.meta.url));
+    const code = await new Promise<number | null>((resolve) => {
+      const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", "--messages", "60", "--naive", "6", "--out", out], { cwd: root, stdio: ["ignore", "ignore", "inherit"] });
+      child.on("exit", resolve);
+    });
+    assert.equal(code, 0);
+    const r = JSON.parse(readFileSync(out, "utf8"));
+    for (const name of ["ours", "rawSmtp", "rawQueue", "naive"]) assert.ok(r.rates[name].messagesPerSecond > 0, name);
+    assert.equal(r.rates.ours.messages, 60);
+    assert.equal(r.counts.tokenRequests, 1);
+    assert.equal(r.counts.keyVaultRequests, 2);
+    assert.equal(r.counts.smtpAuths, r.counts.smtpConnections);
+    assert.equal(r.rates.naive.tokenRequests, 6, "naive asks for a token per message");
+    assert.equal(r.rateCap.throttlingReplies, 0);
+    assert.equal(r.latencyMs.messages, 60);
+    assert.ok(r.latencyMs.p50 <= r.latencyMs.p95 && r.latencyMs.p95 <= r.latencyMs.p99);
+    assert.ok(r.memory.rssAfterNBytes > 0 && r.memory.peakRssBytes >= r.memory.rssAfterNBytes);
+    assert.match(r.node, /^v\d+/);
+    assert.ok(r.machine.cpus > 0);
+    assert.equal(typeof r.targets.oneTokenRequest, "boolean");
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
