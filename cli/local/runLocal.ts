@@ -11,7 +11,7 @@ import { enqueueEmail } from "../../shared/enqueueEmail.js";
 import type { EmailMessageInput } from "../../shared/message/schema.js";
 import { openMailQueues } from "../../shared/queue/mailQueue.js";
 import { loadStorageConfig } from "../../shared/config.js";
-import { LOCAL_MAILBOX, startLocalStack } from "./localStack.js";
+import { startLocalStack } from "./localStack.js";
 
 const { values } = parseArgs({ options: { once: { type: "boolean" }, dir: { type: "string" } }, strict: true });
 const once = values.once === true;
@@ -85,4 +85,3 @@ if (once) {
 console.log(`stopped (${delivered} delivered)`);
 process.exit(0);
 
-export { LOCAL_MAILBOX };
