@@ -3,13 +3,12 @@
 // the middle of a batch, and a certificate the token endpoint does not know. Counts, not hopes.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { after, before, describe, it } from "node:test";
+import { describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 import { issueCertificate } from "../cli/local/devCertificates.js";
-import { LOCAL_MAILBOX, startLocalStack, type LocalStack } from "../cli/local/localStack.js";
+import { LOCAL_MAILBOX } from "../cli/local/localStack.js";
 import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
 import { loadStorageConfig } from "../shared/config.js";
 import { enqueueEmail } from "../shared/enqueueEmail.js";
@@ -17,7 +16,7 @@ import { openMailQueues, type MailQueues } from "../shared/queue/mailQueue.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
 import { openTable } from "../shared/storage/storageClients.js";
 import { messageIdFor } from "../shared/transport/smtpTransport.js";
-import { capturingLogger, drain, type CapturedLogger } from "./support/harness.js";
+import { capturingLogger, drain, useLocalStack, type CapturedLogger } from "./support/harness.js";
 
 /** Deterministic "random" in [0, 1) from a transaction number. */
 const hash = (seq: number) => ((seq * 2654435761) % 4294967296) / 4294967296;
@@ -42,42 +41,31 @@ function countBy<T>(items: T[]): Map<T, number> {
 }
 
 describe("1,000 messages through faults: every one delivered exactly once", () => {
-  let stack: LocalStack;
-  let workDir: string;
   const injected = { drop: 0, reply421: 0, reply432: 0, token503: 0 };
-
-  before(async () => {
-    workDir = mkdtempSync(join(tmpdir(), "qm-faults-"));
-    stack = await startLocalStack({
-      caDir: ".test-ca",
-      workDir,
-      // Tokens live 303 s and are refreshed 300 s early: a fresh token request every ~3 s, so
-      // the failing token endpoint below is actually met.
-      accessTokenTtlSeconds: 303,
-      fault: ({ phase, seq }): SmtpFaultAction | undefined => {
-        const roll = hash(seq * 2 + (phase === "data" ? 1 : 0));
-        if (phase === "mail" && roll < 0.03) {
-          injected.reply432 += 1;
-          return { reply: 432, message: "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded" };
-        }
-        if (phase === "data" && roll < 0.04) {
-          injected.drop += 1;
-          return { drop: true };
-        }
-        if (phase === "data" && roll < 0.07) {
-          injected.reply421 += 1;
-          return { reply: 421, message: "4.3.2 Service not available, closing transmission channel" };
-        }
-        return undefined;
-      },
-    });
-  });
-  after(async () => {
-    await stack?.stop();
-    rmSync(workDir, { recursive: true, force: true });
+  const local = useLocalStack("qm-faults-", {
+    // Tokens live 303 s and are refreshed 300 s early: a fresh token request every ~3 s, so
+    // the failing token endpoint below is actually met.
+    accessTokenTtlSeconds: 303,
+    fault: ({ phase, seq }): SmtpFaultAction | undefined => {
+      const roll = hash(seq * 2 + (phase === "data" ? 1 : 0));
+      if (phase === "mail" && roll < 0.03) {
+        injected.reply432 += 1;
+        return { reply: 432, message: "4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded" };
+      }
+      if (phase === "data" && roll < 0.04) {
+        injected.drop += 1;
+        return { drop: true };
+      }
+      if (phase === "data" && roll < 0.07) {
+        injected.reply421 += 1;
+        return { reply: 421, message: "4.3.2 Service not available, closing transmission channel" };
+      }
+      return undefined;
+    },
   });
 
   it("delivers all, none twice, none lost; ledger and server agree", async () => {
+    const { stack } = local;
     const env = { ...stack.env, RETRY_BASE_SECONDS: "0", RETRY_MAX_SECONDS: "1", MAX_DEQUEUE_COUNT: "10", WORKER_BATCH_SIZE: "32" };
     const queues = await openMailQueues(loadStorageConfig(env));
     const ids = await enqueueMany(queues, 1000, "fault");
@@ -120,16 +108,7 @@ describe("1,000 messages through faults: every one delivered exactly once", () =
 });
 
 describe("a worker killed with SIGKILL mid-batch", () => {
-  let stack: LocalStack;
-  let workDir: string;
-  before(async () => {
-    workDir = mkdtempSync(join(tmpdir(), "qm-kill-"));
-    stack = await startLocalStack({ caDir: ".test-ca", workDir });
-  });
-  after(async () => {
-    await stack?.stop();
-    rmSync(workDir, { recursive: true, force: true });
-  });
+  const local = useLocalStack("qm-kill-");
 
   const bin = fileURLToPath(new URL("../bin/queue-mailer.js", import.meta.url));
   function startWorker(env: Record<string, string>, args: string[]) {
@@ -147,6 +126,7 @@ describe("a worker killed with SIGKILL mid-batch", () => {
   }
 
   it("delivered + poisoned = enqueued; the only repeats are unknown-outcome sends, with the same Message-ID", async () => {
+    const { stack } = local;
     const env = { ...stack.env, LEASE_SECONDS: "5", RETRY_BASE_SECONDS: "1", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "32" };
     const queues = await openMailQueues(loadStorageConfig(env));
     const ids = await enqueueMany(queues, 400, "kill");
@@ -187,6 +167,7 @@ describe("a worker killed with SIGKILL mid-batch", () => {
   });
 
   it("SIGTERM finishes the sends in flight, leaves the rest in the queue, and loses nothing", async () => {
+    const { stack } = local;
     stack.smtp.messages.length = 0;
     const env = { ...stack.env, LEASE_SECONDS: "30", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "16" };
     const queues = await openMailQueues(loadStorageConfig(env));
@@ -221,18 +202,10 @@ describe("a worker killed with SIGKILL mid-batch", () => {
 });
 
 describe("a misconfigured certificate", () => {
-  let stack: LocalStack;
-  let workDir: string;
-  before(async () => {
-    workDir = mkdtempSync(join(tmpdir(), "qm-misconf-"));
-    stack = await startLocalStack({ caDir: ".test-ca", workDir });
-  });
-  after(async () => {
-    await stack?.stop();
-    rmSync(workDir, { recursive: true, force: true });
-  });
+  const local = useLocalStack("qm-misconf-");
 
   it("poisons nothing, however often the worker runs; fixing it lets the waiting messages go out", async () => {
+    const { stack, workDir } = local;
     const certPath = join(workDir, "wrong.pem");
     const stranger = issueCertificate({ commonName: "not registered on the app" });
     writeFileSync(certPath, stranger.certificatePem + stranger.privateKeyPem);

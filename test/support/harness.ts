@@ -1,6 +1,11 @@
 // Test plumbing shared by the tests: a logger that captures records, a helper that runs the real
 // worker over the real queue until it drains, and error assertions that return the MailerError.
 import assert from "node:assert/strict";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before } from "node:test";
+import { startLocalStack, type LocalStack, type LocalStackOptions } from "../../cli/local/localStack.js";
 import { MailerError } from "../../shared/errors.js";
 import { loadSendConfig, type Env } from "../../shared/config.js";
 import { jsonLineLogger, type Logger } from "../../shared/log.js";
@@ -52,4 +57,31 @@ export function thrownBy(fn: () => unknown): MailerError {
     return error;
   }
   assert.fail("expected an error");
+}
+
+/**
+ * A local stack (Azurite, OAuth server, SMTP sink) for one describe block: started before its
+ * tests, stopped and its temp folder removed after them.
+ */
+export function useLocalStack(prefix: string, options: Omit<LocalStackOptions, "caDir" | "workDir"> = {}): { readonly stack: LocalStack; readonly workDir: string } {
+  let stack: LocalStack | undefined;
+  let workDir: string | undefined;
+  before(async () => {
+    workDir = mkdtempSync(join(tmpdir(), prefix));
+    stack = await startLocalStack({ caDir: ".test-ca", workDir, ...options });
+  });
+  after(async () => {
+    await stack?.stop();
+    if (workDir) rmSync(workDir, { recursive: true, force: true });
+  });
+  return {
+    get stack() {
+      assert.ok(stack, "the local stack starts in before()");
+      return stack;
+    },
+    get workDir() {
+      assert.ok(workDir, "the local stack starts in before()");
+      return workDir;
+    },
+  };
 }
