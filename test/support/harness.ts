@@ -60,7 +60,8 @@ export function thrownBy(fn: () => unknown): MailerError {
 }
 
 /**
- * A local stack (Azurite, OAuth server, SMTP sink) for one describe block: started before its
+ * A local stack (Azurite, OAuth server, SMTP sink) for one describe block (call it inside the
+ * describe, before hooks that use it): started before its
  * tests, stopped and its temp folder removed after them.
  */
 export function useLocalStack(prefix: string, options: Omit<LocalStackOptions, "caDir" | "workDir"> = {}): { readonly stack: LocalStack; readonly workDir: string } {
