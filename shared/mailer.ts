@@ -4,6 +4,8 @@
 // they talk to the queue.
 import type { ContainerClient } from "@azure/storage-blob";
 import { loadSendConfig, type Env, type SendConfig } from "./config.js";
+import { toMailerError } from "./errors.js";
+import { lazy } from "./lazy.js";
 import type { Logger } from "./log.js";
 import { handleQueueMessage, type QueueMessageMeta } from "./queue/handleQueueMessage.js";
 import { openMailQueues, writePoisonRecord, type MailQueues } from "./queue/mailQueue.js";
@@ -24,18 +26,9 @@ export interface Mailer {
   close(): Promise<void>;
 }
 
-function once<T>(make: () => Promise<T>): () => Promise<T> {
-  let value: Promise<T> | undefined;
-  return () =>
-    (value ??= make().catch((error: unknown) => {
-      value = undefined;
-      throw error;
-    }));
-}
-
 export function createMailer(config: SendConfig, logger: Logger, sender: Sender = createSender(config, logger)): Mailer {
-  const getQueues = once(() => openMailQueues(config.storage));
-  const attachments = once<ContainerClient>(() => openContainer(config.storage, config.storage.attachmentContainer));
+  const getQueues = lazy(() => openMailQueues(config.storage));
+  const attachments = lazy<ContainerClient>(() => openContainer(config.storage, config.storage.attachmentContainer));
   const circuit = circuitBreaker(config.queue, logger);
   return {
     config,
@@ -61,7 +54,7 @@ export function createMailer(config: SendConfig, logger: Logger, sender: Sender 
         circuit.close();
         return true;
       } catch (error) {
-        const failure = error as import("./errors.js").MailerError;
+        const failure = toMailerError(error);
         circuit.open(failure.kind === "config" ? failure : circuit.lastError ?? failure);
         return false;
       }

@@ -6,6 +6,7 @@ import { readFile } from "node:fs/promises";
 import type { TokenCredential } from "@azure/identity";
 import type { CertificateLocation } from "../config.js";
 import { MailerError } from "../errors.js";
+import { lazy } from "../lazy.js";
 import type { Logger } from "../log.js";
 import { parseCertificateFile, parsePemBundle, parsePkcs12, type SigningCertificate } from "./signingCertificate.js";
 import { azureCredential } from "./azureCredential.js";
@@ -17,19 +18,8 @@ export interface CertificateSource {
 
 /** Caches one in-flight or finished load; a failed load is not cached. */
 function cachedSource(read: () => Promise<SigningCertificate>): CertificateSource {
-  let pending: Promise<SigningCertificate> | undefined;
-  return {
-    load() {
-      pending ??= read().catch((error: unknown) => {
-        pending = undefined;
-        throw error;
-      });
-      return pending;
-    },
-    invalidate() {
-      pending = undefined;
-    },
-  };
+  const load = lazy(read);
+  return { load, invalidate: load.reset };
 }
 
 export function fileCertificateSource(path: string, password?: string): CertificateSource {
@@ -99,13 +89,11 @@ export function keyVaultCertificateSource(
 ): CertificateSource {
   const now = options.now ?? Date.now;
   const checkEveryMs = (options.renewalCheckSeconds ?? RENEWAL_CHECK_SECONDS) * 1000;
-  let clients: Promise<{ certificates: import("@azure/keyvault-certificates").CertificateClient; secrets: import("@azure/keyvault-secrets").SecretClient }> | undefined;
-  const getClients = () =>
-    (clients ??= (async () => {
-      const [{ CertificateClient }, { SecretClient }] = await Promise.all([import("@azure/keyvault-certificates"), import("@azure/keyvault-secrets")]);
-      const tokenCredential = options.credential ?? (await azureCredential());
-      return { certificates: new CertificateClient(vaultUrl, tokenCredential), secrets: new SecretClient(vaultUrl, tokenCredential) };
-    })());
+  const getClients = lazy(async () => {
+    const [{ CertificateClient }, { SecretClient }] = await Promise.all([import("@azure/keyvault-certificates"), import("@azure/keyvault-secrets")]);
+    const tokenCredential = options.credential ?? (await azureCredential());
+    return { certificates: new CertificateClient(vaultUrl, tokenCredential), secrets: new SecretClient(vaultUrl, tokenCredential) };
+  });
 
   async function currentVersion(): Promise<string | undefined> {
     const { certificates } = await getClients();

@@ -2,8 +2,8 @@
 // instance keeps its own pool, so the cap is held in Table storage: a connection may open only
 // while it holds one of `size` leased slots. The lease is renewed while the connection lives and
 // released when it closes; a crashed instance's slots free themselves when their lease runs out.
-import type { TableClient } from "@azure/data-tables";
 import type { StorageConfig } from "../config.js";
+import { lazy } from "../lazy.js";
 import { claimSlot, type SlotRow } from "../storage/slotTable.js";
 import { openTable, tableKey } from "../storage/storageClients.js";
 
@@ -21,12 +21,11 @@ export function tableConnectionSlots(
   storage: StorageConfig,
   mailbox: string,
   size: number,
-  options: { leaseMs?: number; heartbeatMs?: number; table?: () => Promise<TableClient> } = {},
+  options: { leaseMs?: number; heartbeatMs?: number } = {},
 ): ConnectionSlots {
   const leaseMs = options.leaseMs ?? 60_000;
   const heartbeatMs = options.heartbeatMs ?? leaseMs / 3;
-  let table: Promise<TableClient> | undefined;
-  const getTable = options.table ?? (() => (table ??= openTable(storage, CONNECTION_TABLE)));
+  const getTable = lazy(() => openTable(storage, CONNECTION_TABLE));
   const partition = tableKey(mailbox.toLowerCase());
   return {
     async acquire() {

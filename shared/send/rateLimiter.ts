@@ -5,8 +5,8 @@
 // free again a window after that. The server sees a send arrive before it finishes, so no more
 // than `limit` sends can arrive in any window, however long they queue for a connection and on
 // any number of instances.
-import type { TableClient } from "@azure/data-tables";
 import type { StorageConfig } from "../config.js";
+import { lazy } from "../lazy.js";
 import { claimSlot } from "../storage/slotTable.js";
 import { openTable, tableKey } from "../storage/storageClients.js";
 
@@ -36,12 +36,11 @@ export function tableRateLimiter(
   storage: StorageConfig,
   mailbox: string,
   limit: number,
-  options: { windowMs?: number; table?: () => Promise<TableClient> } = {},
+  options: { windowMs?: number } = {},
 ): RateLimiter {
   if (limit <= 0) return unlimited;
   const windowMs = Math.ceil((options.windowMs ?? 60_000) * (1 + MARGIN));
-  let table: Promise<TableClient> | undefined;
-  const getTable = options.table ?? (() => (table ??= openTable(storage, RATE_TABLE)));
+  const getTable = lazy(() => openTable(storage, RATE_TABLE));
   const partition = tableKey(mailbox.toLowerCase());
   // Waiters in this process queue up in order instead of all polling the table at once.
   let chain = Promise.resolve();

@@ -7,8 +7,9 @@
 // Cost: a first delivery reads nothing (nothing can be recorded for a message nobody took before);
 // the "sent" records of concurrent sends are written together in one table transaction (group
 // commit), so the ledger adds a small fraction of a storage request per message.
-import type { TableClient, TransactionAction } from "@azure/data-tables";
+import type { TransactionAction } from "@azure/data-tables";
 import type { StorageConfig } from "../config.js";
+import { lazy } from "../lazy.js";
 import { openTable, statusOf, tableKey } from "../storage/storageClients.js";
 
 export const SEND_LEDGER_TABLE = "sendledger";
@@ -40,11 +41,7 @@ interface LedgerEntity {
 }
 
 export function tableSendLedger(storage: StorageConfig, now: () => number = Date.now): SendLedger {
-  let table: Promise<TableClient> | undefined;
-  const getTable = () => (table ??= openTable(storage, SEND_LEDGER_TABLE).catch((error: unknown) => {
-    table = undefined;
-    throw error;
-  }));
+  const getTable = lazy(() => openTable(storage, SEND_LEDGER_TABLE));
 
   // Group commit: records wait up to FLUSH_AFTER_MS for company, then go in one transaction.
   let pending: Array<{ entity: LedgerEntity; done: (error?: unknown) => void }> = [];
