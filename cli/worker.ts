@@ -35,7 +35,7 @@ export interface WorkerSummary {
 export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> {
   const { mailer, logger, signal } = options;
   const { queue } = await mailer.queues();
-  const { batchSize, leaseSeconds, maxDequeueCount } = mailer.config.queue;
+  const { batchSize, leaseSeconds } = mailer.config.queue;
   const summary: WorkerSummary = { sent: 0, duplicates: 0, poisoned: 0, retried: 0, waited: 0 };
   const inflight = new Set<Promise<void>>();
   const maxPoll = options.maxPollIntervalMs ?? 2_000;
@@ -64,7 +64,7 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
         break;
       case "wait":
         summary.waited += 1;
-        if (message.dequeueCount >= maxDequeueCount - 1) {
+        if (outcome.freshCopy) {
           // Near its last attempt through no fault of its own: continue as a fresh copy.
           await requeueCopy(queue, message.messageText, outcome.afterSeconds);
           await queue.deleteMessage(message.messageId, popReceipt);

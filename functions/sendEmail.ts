@@ -19,7 +19,7 @@ export async function sendEmail(queueEntry: unknown, context: InvocationContext)
     { queueMessageId: String(context.triggerMetadata?.["id"] ?? context.invocationId), dequeueCount: Number(context.triggerMetadata?.["dequeueCount"] ?? 1) },
     invocationLogger(context),
   );
-  if (outcome.status === "wait" && Number(context.triggerMetadata?.["dequeueCount"] ?? 1) >= mailer.config.queue.maxDequeueCount - 1) {
+  if (outcome.status === "wait" && outcome.freshCopy) {
     // Our setup is broken, not the message: before the host would poison it, continue it as a
     // fresh copy (new dequeue count) and let this one go.
     await requeueCopy((await mailer.queues()).queue, text, outcome.afterSeconds);

@@ -31,12 +31,17 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
   const { sender, logger, policy, circuit } = deps;
   let id = meta.queueMessageId;
   const where = () => ({ id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount });
+  const wait = (error: MailerError): Outcome => ({
+    status: "wait",
+    afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)),
+    error,
+    freshCopy: meta.dequeueCount >= policy.maxDequeueCount - 1,
+  });
   try {
     const { message, claimCheckBlob } = await resolveMessage(text, { from: deps.mailFrom, id: meta.queueMessageId }, deps.messages, deps.attachments);
     id = message.id;
     if (!circuit.allowAttempt()) {
-      const error = circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" });
-      return { status: "wait", afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)), error };
+      return wait(circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" }));
     }
     const sent = await sender.send(message, meta.dequeueCount > 1);
     circuit.close();
@@ -55,7 +60,7 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
     if (error.kind === "config") {
       // Not the message's fault: open the circuit, keep the message.
       circuit.open(error);
-      return { status: "wait", afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)), error };
+      return wait(error);
     }
     const lastAttempt = meta.dequeueCount >= policy.maxDequeueCount;
     if (error.kind === "permanent" || lastAttempt) {

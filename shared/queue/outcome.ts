@@ -15,8 +15,12 @@ export type Outcome =
   | { status: "sent"; id: string; messageId: string; response: string; duplicate: boolean }
   | { status: "poison"; record: PoisonRecord; error: MailerError }
   | { status: "retry"; afterSeconds: number; error: MailerError }
-  /** Our setup is broken (circuit open): the message waits without using up its attempts. */
-  | { status: "wait"; afterSeconds: number; error: MailerError };
+  /**
+   * Our setup is broken (circuit open): the message waits without using up its attempts. With
+   * `freshCopy`, it is close to its last attempt and must continue as a new queue message (a new
+   * dequeue count) instead of being retried in place.
+   */
+  | { status: "wait"; afterSeconds: number; error: MailerError; freshCopy: boolean };
 
 export function poisonRecord(error: MailerError, attempts: number, original: string, now = new Date()): PoisonRecord {
   return {
