@@ -43,16 +43,26 @@ export interface SinkMessage {
   file?: string;
 }
 
-/** A fault decision: a reply instead of the normal one, or a dropped connection. */
-export type SmtpFaultAction = { reply: number; message: string } | { drop: true };
+/**
+ * A fault decision: a reply instead of the normal one, a dropped connection, or (at "data" only)
+ * the dangerous cases: the message stored but the connection dropped before the 250
+ * (`storeThenDrop`), or the normal answer held back for `delayMs`.
+ */
+export type SmtpFaultAction = { reply: number; message: string } | { drop: true } | { storeThenDrop: true } | { delayMs: number };
 
 /** What the fault hook is told about. */
 export interface SmtpFault {
-  /** "mail": at MAIL FROM (before it is accepted); "data": after DATA, instead of the final reply. */
-  phase: "mail" | "data";
-  /** Transaction number: 1 for the first MAIL FROM the sink sees, across all connections. */
+  /**
+   * "auth": at AUTH, before the token is checked (a reply here fails the login); "mail": at MAIL
+   * FROM (before it is accepted); "rcpt": at each RCPT TO; "data": after DATA, instead of the
+   * final reply.
+   */
+  phase: "auth" | "mail" | "rcpt" | "data";
+  /** Transaction number: 1 for the first MAIL FROM the sink sees, across all connections (0 before it). */
   seq: number;
   session: { user: string; connection: number };
+  /** At "rcpt": the recipient being offered. */
+  address?: string;
 }
 
 export interface SmtpSinkOptions {
@@ -68,11 +78,13 @@ export interface SmtpSinkOptions {
   /** Default true: MAIL FROM must equal the XOAUTH2 user (case-insensitive), refused after DATA. */
   enforceSendAs?: boolean;
   /**
-   * Fault injection, asked once per transaction at each phase. `{reply, message}` sends that reply
-   * (421 also closes the connection, as Exchange does). `{drop: true}` destroys the socket without a
-   * reply: at "mail" right away, at "data" once part of the message has arrived, so the client sees
-   * the connection die mid-DATA and cannot know whether the message was taken. At "data" the fault
-   * takes precedence over the SendAs check. Return undefined for normal behaviour.
+   * Fault injection, asked at each phase ("auth" per login, "mail" and "data" once per transaction,
+   * "rcpt" per recipient). `{reply, message}` sends that reply (421 also closes the connection, as
+   * Exchange does). `{drop: true}` destroys the socket without a reply: at "mail" right away, at
+   * "data" once part of the message has arrived, so the client sees the connection die mid-DATA and
+   * cannot know whether the message was taken. At "data" only: `{storeThenDrop: true}` stores the
+   * message, then drops the connection before the 250; `{delayMs}` holds the normal reply back. At
+   * "data" the fault takes precedence over the SendAs check. Return undefined for normal behaviour.
    */
   fault?: (ctx: SmtpFault) => SmtpFaultAction | undefined;
   /** Default false: smtp-server logs every command to the console otherwise (AUTH lines redacted). */
@@ -176,9 +188,9 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
     if (!s) state.set(session, (s = { connection: ++connectionCounter, seq: 0 }));
     return s;
   };
-  const askFault = (phase: "mail" | "data", session: SMTPServerSession): SmtpFaultAction | undefined => {
+  const askFault = (phase: SmtpFault["phase"], session: SMTPServerSession, extra: { user?: string; address?: string } = {}): SmtpFaultAction | undefined => {
     const s = stateOf(session);
-    return options.fault?.({ phase, seq: s.seq, session: { user: userOf(session), connection: s.connection } });
+    return options.fault?.({ phase, seq: s.seq, session: { user: extra.user ?? userOf(session), connection: s.connection }, ...(extra.address === undefined ? {} : { address: extra.address }) });
   };
   const dropConnection = (session: SMTPServerSession) => {
     for (const connection of server.connections) {
@@ -231,9 +243,16 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
     } catch {
       return undefined; // client went away mid-DATA: nothing to answer
     }
-    if (fault) {
+    if (fault && "reply" in fault) {
       stats.rejected++;
       return { error: smtpError(fault.reply, fault.message) };
+    }
+    if (fault && "delayMs" in fault) await new Promise((resolve) => setTimeout(resolve, fault.delayMs));
+    if (fault && "storeThenDrop" in fault) {
+      // Taken, but the client never hears so: the case a sender cannot tell from a lost message.
+      await accept(session, Buffer.concat(chunks));
+      dropConnection(session);
+      return undefined;
     }
     const from = session.envelope.mailFrom ? session.envelope.mailFrom.address : "";
     if (enforceSendAs && from.toLowerCase() !== userOf(session).toLowerCase()) {
@@ -265,7 +284,7 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
       stats.tlsUpgrades++;
       callback();
     },
-    onAuth(auth, _session, callback) {
+    onAuth(auth, session, callback) {
       const user = auth.username ?? "";
       // Never echo or log the token: the reply text is fixed, like Exchange's.
       const fail = (code: number, text: string) => {
@@ -273,6 +292,8 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
         callback(smtpError(code, text));
       };
       if (auth.method !== "XOAUTH2" || !auth.accessToken) return fail(535, "5.7.3 Authentication unsuccessful");
+      const fault = askFault("auth", session, { user });
+      if (fault && "reply" in fault) return fail(fault.reply, fault.message);
       options.verifyToken(user, auth.accessToken).then(
         (result) => {
           if (!result.ok) return fail(535, "5.7.3 Authentication unsuccessful");
@@ -285,7 +306,7 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
     onMailFrom(_address, session, callback) {
       stateOf(session).seq = ++seqCounter;
       const fault = askFault("mail", session);
-      if (!fault) return callback();
+      if (!fault || !("reply" in fault || "drop" in fault)) return callback();
       stats.rejected++;
       if ("drop" in fault) return dropConnection(session);
       callback(smtpError(fault.reply, fault.message));
@@ -296,6 +317,11 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
       if (rcpt.length >= MAX_RECIPIENTS_PER_MESSAGE && !known(address.address)) {
         stats.rejected++;
         return callback(smtpError(452, "4.5.3 Too many recipients"));
+      }
+      const fault = askFault("rcpt", session, { address: address.address });
+      if (fault && "reply" in fault) {
+        stats.rejected++;
+        return callback(smtpError(fault.reply, fault.message));
       }
       callback();
     },

@@ -37,12 +37,16 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
     error,
     freshCopy: meta.dequeueCount >= policy.maxDequeueCount - 1,
   });
+  // Set once the circuit let this message through: from then on the attempt must end the circuit's
+  // probe, whatever happens (see circuitBreaker.ts).
+  let attempted = false;
   try {
     const { message, claimCheckBlob } = await resolveMessage(text, { from: deps.mailFrom, id: meta.queueMessageId }, deps.messages, deps.attachments);
     id = message.id;
     if (!circuit.allowAttempt()) {
       return wait(circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" }));
     }
+    attempted = true;
     const sent = await sender.send(message, meta.dequeueCount > 1);
     circuit.close();
     if (claimCheckBlob !== undefined) {
@@ -61,6 +65,12 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
       // Not the message's fault: open the circuit, keep the message.
       circuit.open(error);
       return wait(error);
+    }
+    if (attempted) {
+      // A permanent failure is the message's own (the server judged the message, so the setup
+      // works); a transient one says nothing about the setup: probe again after a backoff.
+      if (error.kind === "permanent") circuit.close();
+      else circuit.probeFailed(error);
     }
     const lastAttempt = meta.dequeueCount >= policy.maxDequeueCount;
     if (error.kind === "permanent" || lastAttempt) {

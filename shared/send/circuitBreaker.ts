@@ -2,8 +2,20 @@
 // message's fault: retrying each message would burn its attempts and poison good mail. The circuit
 // opens on the first one, logs one clear error, and lets only a probe through after a backoff;
 // messages wait in the queue until a probe succeeds.
+//
+// Every probe ends in exactly one of three calls, or the circuit would stay open for good (the
+// Functions host has no loop that probes by itself):
+//   close()           the attempt reached the mail server: sent, or refused for the message's own
+//                     fault (a 550 for a recipient proves the setup works)
+//   open(error)       our setup is still broken: back off further
+//   probeFailed()     a transient failure (token endpoint 503, network) says nothing about the
+//                     setup: back off and probe again
+// A probe whose caller vanished (a host timeout, a killed invocation) is given up after
+// `PROBE_TIMEOUT_MS` so that the next invocation may probe.
 import type { MailerError } from "../errors.js";
 import type { Logger } from "../log.js";
+
+export const PROBE_TIMEOUT_MS = 5 * 60_000;
 
 export interface CircuitBreaker {
   readonly isOpen: boolean;
@@ -13,6 +25,8 @@ export interface CircuitBreaker {
   /** Closed, or open with a probe due (which this call claims). */
   allowAttempt(): boolean;
   open(error: MailerError): void;
+  /** The probe failed for a transient reason: stay open, back off, probe again. */
+  probeFailed(error: MailerError): void;
   close(): void;
 }
 
@@ -20,7 +34,16 @@ export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSecon
   let openedWith: MailerError | undefined;
   let failures = 0;
   let nextProbeAt = 0;
-  let probing = false;
+  let probeStartedAt: number | undefined;
+
+  function backOff(): number {
+    probeStartedAt = undefined;
+    failures += 1;
+    const delaySeconds = Math.min(policy.retryMaxSeconds, Math.max(1, policy.retryBaseSeconds) * 2 ** (failures - 1));
+    nextProbeAt = now() + delaySeconds * 1000;
+    return delaySeconds;
+  }
+
   return {
     get isOpen() {
       return openedWith !== undefined;
@@ -33,17 +56,15 @@ export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSecon
     },
     allowAttempt() {
       if (openedWith === undefined) return true;
+      const probing = probeStartedAt !== undefined && now() - probeStartedAt < PROBE_TIMEOUT_MS;
       if (probing || now() < nextProbeAt) return false;
-      probing = true;
+      probeStartedAt = now();
       return true;
     },
     open(error) {
       const wasOpen = openedWith !== undefined;
       openedWith = error;
-      probing = false;
-      failures += 1;
-      const delaySeconds = Math.min(policy.retryMaxSeconds, Math.max(1, policy.retryBaseSeconds) * 2 ** (failures - 1));
-      nextProbeAt = now() + delaySeconds * 1000;
+      const delaySeconds = backOff();
       if (!wasOpen) {
         // One clear error per outage, naming the setting or setup step; probes log at debug.
         logger.log("error", "circuit.open", { error: error.toJSON(), nextProbeInSeconds: delaySeconds, note: "sending paused; messages wait in the queue" });
@@ -51,11 +72,18 @@ export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSecon
         logger.log("debug", "circuit.probe_failed", { code: error.code, nextProbeInSeconds: delaySeconds });
       }
     },
+    probeFailed(error) {
+      // Only a probe in progress backs off; a transient failure while closed, or of a send that
+      // began before the circuit opened, changes nothing.
+      if (openedWith === undefined || probeStartedAt === undefined) return;
+      const delaySeconds = backOff();
+      logger.log("debug", "circuit.probe_failed", { code: error.code, openedWith: openedWith.code, nextProbeInSeconds: delaySeconds });
+    },
     close() {
       if (openedWith !== undefined) logger.log("info", "circuit.closed", { after: openedWith.code, failures });
       openedWith = undefined;
       failures = 0;
-      probing = false;
+      probeStartedAt = undefined;
     },
   };
 }
