@@ -221,11 +221,40 @@ describe("smtp sink", () => {
     assert.match(last?.raw.toString() ?? "", /second/);
     assert.deepEqual(
       seen.map((s) => s.phase),
-      ["mail", "data", "mail", "data"],
+      ["auth", "mail", "rcpt", "data", "auth", "mail", "rcpt", "data"],
     );
     assert.equal(seen[0]?.user, USER);
-    assert.equal(seen[1]?.seq, seen[0]?.seq);
-    assert.equal(last?.seq, seen[2]?.seq);
+    assert.equal(seen[2]?.seq, seen[1]?.seq);
+    assert.equal(seen[3]?.seq, seen[1]?.seq);
+    assert.equal(last?.seq, seen[5]?.seq);
+  });
+
+  test("a storeThenDrop fault at DATA stores the message, then drops the connection before the 250", async () => {
+    const before = sink.messages.length;
+    fault = (ctx) => (ctx.phase === "data" ? { storeThenDrop: true } : undefined);
+    const err = await sendError(transport().sendMail({ from: USER, to: "a@example.com", text: "stored but unanswered" }));
+    assert.equal(err.responseCode, undefined, "the client never saw a reply");
+    assert.equal(sink.messages.length, before + 1, "the server has it");
+    assert.match(sink.messages.at(-1)?.raw.toString() ?? "", /stored but unanswered/);
+  });
+
+  test("a delayMs fault at DATA holds the normal reply back", async () => {
+    fault = (ctx) => (ctx.phase === "data" ? { delayMs: 400 } : undefined);
+    const started = Date.now();
+    await transport().sendMail({ from: USER, to: "a@example.com", text: "slow" });
+    assert.ok(Date.now() - started >= 400, `answered after ${Date.now() - started} ms`);
+  });
+
+  test("faults at RCPT refuse one recipient, at AUTH the login", async () => {
+    fault = (ctx) => (ctx.phase === "rcpt" && ctx.address === "gone@example.com" ? { reply: 550, message: "5.1.10 RESOLVER.ADR.RecipientNotFound; Recipient not found by SMTP address lookup" } : undefined);
+    const info = await transport().sendMail({ from: USER, to: ["gone@example.com", "here@example.com"], text: "two" });
+    assert.deepEqual(info.rejected, ["gone@example.com"]);
+    assert.deepEqual(sink.messages.at(-1)?.rcptTo, ["here@example.com"]);
+
+    fault = (ctx) => (ctx.phase === "auth" ? { reply: 535, message: "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant." } : undefined);
+    const err = await sendError(transport().sendMail({ from: USER, to: "a@example.com", text: "x" }));
+    assert.equal(err.responseCode, 535);
+    assert.match(err.response ?? "", /5\.7\.139/);
   });
 
   test("a 421 fault at MAIL refuses the transaction and closes the connection", async () => {
