@@ -44,9 +44,12 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
   async function settle(message: DequeuedMessageItem): Promise<void> {
     let popReceipt = message.popReceipt;
     // Keep the message hidden while it is being sent; a crashed worker's lease simply expires.
+    // Each renewal changes the pop receipt, so the one in flight when the send ends is awaited
+    // before the message is deleted or updated with the receipt it returns.
+    let renewing: Promise<void> = Promise.resolve();
     const renew = setInterval(() => {
-      queue.updateMessage(message.messageId, popReceipt, undefined, leaseSeconds).then(
-        (r) => (popReceipt = r.popReceipt ?? popReceipt),
+      renewing = queue.updateMessage(message.messageId, popReceipt, undefined, leaseSeconds).then(
+        (r) => void (popReceipt = r.popReceipt ?? popReceipt),
         (error: unknown) => logger.log("warn", "worker.lease_renewal_failed", { queueMessageId: message.messageId, error: (error as Error).message }),
       );
     }, (leaseSeconds * 1000) / 2);
@@ -55,6 +58,7 @@ export async function runWorker(options: WorkerOptions): Promise<WorkerSummary> 
       outcome = await mailer.process(message.messageText, { queueMessageId: message.messageId, dequeueCount: message.dequeueCount });
     } finally {
       clearInterval(renew);
+      await renewing;
     }
     switch (outcome.status) {
       case "retry":

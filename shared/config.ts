@@ -48,7 +48,7 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "MAX_DEQUEUE_COUNT", type: "integer", default: "5", min: 1, description: "Attempts before a message is poisoned; keep equal to `maxDequeueCount` in host.json." },
   { name: "LEASE_SECONDS", type: "integer", default: "60", min: 5, description: "Worker: how long a taken message stays hidden while it is being sent." },
   { name: "RETRY_BASE_SECONDS", type: "integer", default: "10", min: 0, description: "First retry delay after a transient failure; doubles per attempt." },
-  { name: "RETRY_MAX_SECONDS", type: "integer", default: "900", min: 0, description: "Upper bound of the retry delay." },
+  { name: "RETRY_MAX_SECONDS", type: "integer", default: "900", min: 0, description: "Upper bound of our own retry backoff; a server's Retry-After can ask for longer (up to the queue's 7 days)." },
   { name: "AzureWebJobsStorage__tableServiceUri", type: "url", description: "Table service URI for identity-based access to the expiry watch's alert state, with `AzureWebJobsStorage__queueServiceUri`." },
   { name: "AzureWebJobsStorage__blobServiceUri", type: "url", description: "Blob service URI for identity-based access to claim-check messages and attachments in `ATTACHMENT_CONTAINER`." },
   { name: "ATTACHMENT_CONTAINER", type: "string", default: "mail-attachments", description: "Blob container for large messages and attachments sent by reference (claim check). Only blob names in this container are accepted, never URLs." },

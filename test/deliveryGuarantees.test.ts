@@ -4,6 +4,8 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { writeFileSync } from "node:fs";
+import { createServer, request, type Server } from "node:http";
+import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -16,7 +18,7 @@ import { openMailQueues, type MailQueues } from "../shared/queue/mailQueue.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
 import { openTable } from "../shared/storage/storageClients.js";
 import { messageIdFor } from "../shared/transport/smtpTransport.js";
-import { capturingLogger, drain, useLocalStack, type CapturedLogger } from "./support/harness.js";
+import { capturingLogger, drain, useLocalStack, within, type CapturedLogger } from "./support/harness.js";
 
 /** Deterministic "random" in [0, 1) from a transaction number. */
 const hash = (seq: number) => ((seq * 2654435761) % 4294967296) / 4294967296;
@@ -64,7 +66,7 @@ describe("1,000 messages through faults: every one delivered exactly once", () =
     },
   });
 
-  it("delivers all, none twice, none lost; ledger and server agree", async () => {
+  it("delivers all, none twice, none lost; ledger and server agree", { timeout: 180_000 }, async () => {
     const { stack } = local;
     const env = { ...stack.env, RETRY_BASE_SECONDS: "0", RETRY_MAX_SECONDS: "1", MAX_DEQUEUE_COUNT: "10", WORKER_BATCH_SIZE: "32" };
     const queues = await openMailQueues(loadStorageConfig(env));
@@ -76,7 +78,7 @@ describe("1,000 messages through faults: every one delivered exactly once", () =
     const logger = capturingLogger();
     let summary;
     try {
-      summary = await drain(env, logger);
+      summary = await within(drain(env, logger), 150_000, "the worker to drain 1,000 messages");
     } finally {
       clearInterval(tokenFailures);
     }
@@ -107,6 +109,30 @@ describe("1,000 messages through faults: every one delivered exactly once", () =
   });
 });
 
+/** An HTTP proxy to the queue service that delays every DELETE (a message acknowledgement). */
+async function slowDeleteProxy(target: string): Promise<{ origin: string; close(): Promise<void> }> {
+  const server: Server = createServer((req, res) => {
+    const forward = () => {
+      const upstream = request(new URL(req.url ?? "/", target), { method: req.method, headers: req.headers }, (reply) => {
+        res.writeHead(reply.statusCode ?? 502, reply.headers);
+        reply.pipe(res);
+      });
+      upstream.on("error", () => res.destroy());
+      req.pipe(upstream);
+    };
+    if (req.method === "DELETE") setTimeout(forward, 1_500);
+    else forward();
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return {
+    origin: `http://127.0.0.1:${(server.address() as AddressInfo).port}`,
+    close: () => new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      server.closeAllConnections();
+    }),
+  };
+}
+
 describe("a worker killed with SIGKILL mid-batch", () => {
   const local = useLocalStack("qm-kill-");
 
@@ -125,13 +151,17 @@ describe("a worker killed with SIGKILL mid-batch", () => {
     return { child, lines, exited };
   }
 
-  it("delivered + poisoned = enqueued; the only repeats are unknown-outcome sends, with the same Message-ID", async () => {
+  it("delivered + poisoned = enqueued; the only repeats are unknown-outcome sends, with the same Message-ID; sent-but-unacknowledged ones are acknowledged as duplicates", { timeout: 240_000 }, async () => {
     const { stack } = local;
-    const env = { ...stack.env, LEASE_SECONDS: "5", RETRY_BASE_SECONDS: "1", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "32" };
+    const env: Record<string, string> = { ...stack.env, LEASE_SECONDS: "5", RETRY_BASE_SECONDS: "1", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "32" };
     const queues = await openMailQueues(loadStorageConfig(env));
     const ids = await enqueueMany(queues, 400, "kill");
-    const first = startWorker(env, []);
-    await new Promise<void>((resolve) => {
+    // The first worker reaches the queue through a proxy that holds each delete back for 1.5 s, so
+    // that when it dies some sends are done and recorded but not yet acknowledged: exactly what the
+    // ledger's duplicate answer is for.
+    const slowDeletes = await slowDeleteProxy(new URL(queues.queue.url).origin);
+    const first = startWorker({ ...env, AzureWebJobsStorage: (env["AzureWebJobsStorage"] ?? "").replace(/QueueEndpoint=http:\/\/[^/;]+/, `QueueEndpoint=${slowDeletes.origin}`) }, []);
+    await within(new Promise<void>((resolve) => {
       const stop = stack.smtp.onMessage(() => {
         if (stack.smtp.messages.length >= 150) {
           stop();
@@ -139,18 +169,21 @@ describe("a worker killed with SIGKILL mid-batch", () => {
           resolve();
         }
       });
-    });
-    await first.exited;
+    }), 90_000, `150 deliveries before the kill (worker said: ${first.lines.slice(-3).join(" | ")})`).finally(() => first.child.kill("SIGKILL"));
+    await within(first.exited, 10_000, "the killed worker to exit");
+    await slowDeletes.close();
     const atKill = stack.smtp.messages.length;
     // Messages the dead worker held come back when their 5 s lease runs out.
     await new Promise((resolve) => setTimeout(resolve, 6_000));
     const resends: string[] = [];
+    const duplicates: string[] = [];
     for (let round = 0; round < 4 && (await queues.queue.getProperties()).approximateMessagesCount! > 0; round++) {
       const second = startWorker(env, ["--drain"]);
-      assert.equal(await second.exited, 0, second.lines.join("\n"));
+      assert.equal(await within(second.exited, 60_000, "the restarted worker to drain").finally(() => second.child.kill("SIGKILL")), 0, second.lines.join("\n"));
       for (const line of second.lines) {
         const record = JSON.parse(line) as { event: string; id?: string };
         if (record.event === "message.resend_unknown_outcome" && record.id) resends.push(record.id);
+        if (record.event === "message.duplicate" && record.id) duplicates.push(record.id);
       }
       if ((await queues.queue.getProperties()).approximateMessagesCount! > 0) await new Promise((resolve) => setTimeout(resolve, 5_500));
     }
@@ -163,10 +196,13 @@ describe("a worker killed with SIGKILL mid-batch", () => {
     const resentMessageIds = new Set(resends.map((id) => messageIdFor(id, LOCAL_MAILBOX)));
     assert.deepEqual(repeated.filter((m) => !resentMessageIds.has(m)), [], "every repeat was a resend of an unknown outcome");
     assert.ok(repeated.length <= 32, `repeats bounded by the batch in flight: ${repeated.length}`);
-    console.log(`# SIGKILL after ${atKill} deliveries: ${delivered.size} delivered, ${repeated.length} repeated (same Message-ID), ${resends.length} unknown-outcome resends`);
+    // Sends the dead worker finished and recorded but never deleted: the ledger answers "sent".
+    assert.ok(duplicates.length >= 1, "the restarted worker acknowledged at least one duplicate");
+    for (const id of duplicates) assert.equal(delivered.get(messageIdFor(id, LOCAL_MAILBOX)), 1, `${id}: acknowledged, not sent again`);
+    console.log(`# SIGKILL after ${atKill} deliveries: ${delivered.size} delivered, ${repeated.length} repeated (same Message-ID), ${resends.length} unknown-outcome resends, ${duplicates.length} acknowledged as duplicates`);
   });
 
-  it("SIGTERM finishes the sends in flight, leaves the rest in the queue, and loses nothing", async () => {
+  it("SIGTERM finishes the sends in flight, leaves the rest in the queue, and loses nothing", { timeout: 120_000 }, async () => {
     const { stack } = local;
     stack.smtp.messages.length = 0;
     const env = { ...stack.env, LEASE_SECONDS: "30", NODE_EXTRA_CA_CERTS: stack.caPath, WORKER_BATCH_SIZE: "16" };
@@ -174,7 +210,7 @@ describe("a worker killed with SIGKILL mid-batch", () => {
     await queues.queue.clearMessages();
     const ids = await enqueueMany(queues, 300, "term");
     const worker = startWorker(env, []);
-    await new Promise<void>((resolve) => {
+    await within(new Promise<void>((resolve) => {
       const stop = stack.smtp.onMessage(() => {
         if (stack.smtp.messages.length >= 50) {
           stop();
@@ -182,9 +218,12 @@ describe("a worker killed with SIGKILL mid-batch", () => {
           resolve();
         }
       });
+    }), 60_000, "50 deliveries before SIGTERM").catch((error: unknown) => {
+      worker.child.kill("SIGKILL");
+      throw error;
     });
     const began = Date.now();
-    assert.equal(await worker.exited, 0, worker.lines.join("\n"));
+    assert.equal(await within(worker.exited, 20_000, "the worker to stop after SIGTERM").finally(() => worker.child.kill("SIGKILL")), 0, worker.lines.join("\n"));
     assert.ok(Date.now() - began < 10_000, "stops promptly");
     const deliveredAtStop = stack.smtp.messages.length;
     const stopped = worker.lines.map((l) => JSON.parse(l) as { event: string; sent?: number }).find((r) => r.event === "worker.stopped");
@@ -194,7 +233,7 @@ describe("a worker killed with SIGKILL mid-batch", () => {
     assert.ok(left > 0);
     assert.equal((await queues.queue.getProperties()).approximateMessagesCount, ids.length - deliveredAtStop);
     const rest = startWorker(env, ["--drain"]);
-    assert.equal(await rest.exited, 0);
+    assert.equal(await within(rest.exited, 60_000, "the second worker to drain").finally(() => rest.child.kill("SIGKILL")), 0);
     const delivered = countBy(stack.smtp.messages.map((m) => m.headers["message-id"]?.[0] ?? ""));
     assert.equal(delivered.size, ids.length);
     assert.deepEqual([...delivered.values()].filter((n) => n > 1), [], "nothing sent twice");
@@ -204,7 +243,7 @@ describe("a worker killed with SIGKILL mid-batch", () => {
 describe("a misconfigured certificate", () => {
   const local = useLocalStack("qm-misconf-");
 
-  it("poisons nothing, however often the worker runs; fixing it lets the waiting messages go out", async () => {
+  it("poisons nothing, however often the worker runs; fixing it lets the waiting messages go out", { timeout: 120_000 }, async () => {
     const { stack, workDir } = local;
     const certPath = join(workDir, "wrong.pem");
     const stranger = issueCertificate({ commonName: "not registered on the app" });

@@ -18,7 +18,8 @@ before(async () => {
 after(() => azurite.stop());
 
 describe("send rate across instances", () => {
-  it("never lets more than the limit start in any window, whichever instance sends", async () => {
+  // Every test here waits on leases and windows: a limiter that never grants fails, not hangs.
+  it("never lets more than the limit start in any window, whichever instance sends", { timeout: 20_000 }, async () => {
     const windowMs = 1_000; // stretched by 1/60 for clock skew and claim latency
     const instanceA = tableRateLimiter(storage, "rate@contoso.test", 5, { windowMs });
     const instanceB = tableRateLimiter(storage, "rate@contoso.test", 5, { windowMs });
@@ -37,7 +38,7 @@ describe("send rate across instances", () => {
     assert.ok(Date.now() - began >= 2 * windowMs, "12 sends at 5 per window need three windows");
   });
 
-  it("a limit of 0 means no limit", async () => {
+  it("a limit of 0 means no limit", { timeout: 20_000 }, async () => {
     const limiter = tableRateLimiter(storage, "free@contoso.test", 0);
     const began = Date.now();
     await Promise.all(Array.from({ length: 100 }, () => limiter.acquire()));
@@ -46,7 +47,7 @@ describe("send rate across instances", () => {
 });
 
 describe("SMTP connections across instances", () => {
-  it("holds at most `size` connections at once over two instances", async () => {
+  it("holds at most `size` connections at once over two instances", { timeout: 20_000 }, async () => {
     const instanceA = tableConnectionSlots(storage, "conn@contoso.test", 2);
     const instanceB = tableConnectionSlots(storage, "conn@contoso.test", 2);
     let held = 0;
@@ -64,7 +65,7 @@ describe("SMTP connections across instances", () => {
     assert.equal(peak, 2);
   });
 
-  it("a crashed instance's slot frees itself when its lease runs out", async () => {
+  it("a crashed instance's slot frees itself when its lease runs out", { timeout: 20_000 }, async () => {
     const table = await openTable(storage, CONNECTION_TABLE);
     // What a crashed holder leaves behind: a lease ending in 800 ms that nobody renews.
     await table.upsertEntity({ partitionKey: tableKey("crash@contoso.test"), rowKey: "slot-0000", at: Date.now() + 800, holder: "dead-instance" }, "Replace");

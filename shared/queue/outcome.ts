@@ -31,9 +31,20 @@ export function poisonRecord(error: MailerError, attempts: number, original: str
   };
 }
 
-/** Exponential backoff with ±20 % jitter, never shorter than what the server asked for. */
+/** The longest a queue message can be hidden: Azure Queue Storage's visibility timeout limit (7 days). */
+const MAX_VISIBILITY_SECONDS = 7 * 24 * 60 * 60;
+
+/**
+ * Seconds until the next attempt, in whole seconds (what a visibility timeout takes): exponential
+ * backoff (`retryBaseSeconds` doubling per attempt) with ±20 % jitter, capped at `retryMaxSeconds`.
+ * The server's Retry-After is a floor that wins over `retryMaxSeconds`: a throttled server asking
+ * for 120 s must not be hit again after 60. Only the queue's own limit bounds it.
+ */
 export function retryDelaySeconds(attempt: number, policy: { retryBaseSeconds: number; retryMaxSeconds: number }, retryAfterSeconds?: number): number {
   const exponential = Math.min(policy.retryMaxSeconds, policy.retryBaseSeconds * 2 ** Math.max(0, attempt - 1));
-  const jittered = Math.round(exponential * (0.8 + Math.random() * 0.4));
-  return Math.min(policy.retryMaxSeconds, Math.max(jittered, retryAfterSeconds ?? 0));
+  // Jitter spreads out messages that failed together; it never pushes our own backoff past the cap.
+  const backoff = Math.min(policy.retryMaxSeconds, Math.round(exponential * (0.8 + Math.random() * 0.4)));
+  // Rounded up: waiting a fraction less than the server asked for would still be too early.
+  const serverAsked = retryAfterSeconds !== undefined && Number.isFinite(retryAfterSeconds) && retryAfterSeconds > 0 ? Math.ceil(retryAfterSeconds) : 0;
+  return Math.min(MAX_VISIBILITY_SECONDS, Math.max(backoff, serverAsked));
 }

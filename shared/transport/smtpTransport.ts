@@ -101,6 +101,11 @@ export function createSmtpTransport(
       ...(message.html === undefined ? {} : { html: message.html }),
     });
     const addresses = (list: unknown) => (list as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address));
+    // Some recipients refused while others took it: the message counts as sent, so the refusals
+    // (a 4xx deferral too, which is not retried for one recipient alone) are logged with the reply.
+    for (const refusal of (info as { rejectedErrors?: Array<{ recipient?: string; response?: string; responseCode?: number }> }).rejectedErrors ?? []) {
+      logger.log("warn", "smtp.recipient_refused", { id: message.id, recipient: refusal.recipient, responseCode: refusal.responseCode, response: refusal.response?.trim() });
+    }
     return { messageId: info.messageId, response: info.response, accepted: addresses(info.accepted), rejected: addresses(info.rejected) };
   }
 

@@ -37,6 +37,22 @@ export async function readPoison(mailer: Mailer): Promise<Array<{ reason: { code
   return peeked.peekedMessageItems.map((item) => JSON.parse(Buffer.from(item.messageText, "base64").toString("utf8")));
 }
 
+/**
+ * `promise`, or a failure naming `what` after `ms`: a condition that never comes fails the test with
+ * a message instead of hanging the suite.
+ */
+export async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, deadline]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** The MailerError a promise rejects with (fails the test if it resolves or rejects otherwise). */
 export async function rejectionOf(promise: Promise<unknown>): Promise<MailerError> {
   try {
