@@ -8,14 +8,40 @@ import { join } from "node:path";
 import { it } from "node:test";
 import { fileURLToPath } from "node:url";
 
-it("npm run bench (small): one token, two Key Vault reads, a naive token per message, no throttling, every field", async () => {
+// A normal small run takes well under a minute here; a run still going after this is hung.
+const LIMIT_MS = 4 * 60_000;
+
+it("npm run bench (small): one token, two Key Vault reads, a naive token per message, no throttling, every field", { timeout: LIMIT_MS + 30_000 }, async (t) => {
   const dir = mkdtempSync(join(tmpdir(), "qm-bench-"));
   const out = join(dir, "latest.json");
   try {
     const root = fileURLToPath(new URL("..", import.meta.url));
-    const code = await new Promise<number | null>((resolve) => {
-      const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", "--messages", "60", "--naive", "6", "--out", out], { cwd: root, stdio: ["ignore", "ignore", "inherit"] });
-      child.on("exit", resolve);
+    const code = await new Promise<number | null>((resolve, reject) => {
+      // detached: its own process group, so that a hung run is killed together with what it
+      // started (Azurite, the worker); killing only bench/run.ts would leave those running.
+      const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", "--messages", "60", "--naive", "6", "--out", out], { cwd: root, stdio: ["ignore", "ignore", "inherit"], detached: true });
+      const killAll = () => {
+        try {
+          if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
+        } catch {
+          // the group is gone already
+        }
+      };
+      const timer = setTimeout(() => {
+        killAll();
+        reject(new Error(`bench/run.ts did not finish within ${LIMIT_MS / 1000} s; it and everything it started were killed`));
+      }, LIMIT_MS);
+      // The test's own timeout (a backstop) or a cancelled run aborts t.signal: kill then too.
+      t.signal.addEventListener("abort", killAll, { once: true });
+      child.on("error", (error) => {
+        clearTimeout(timer);
+        reject(error);
+      });
+      child.on("exit", (status) => {
+        clearTimeout(timer);
+        t.signal.removeEventListener("abort", killAll);
+        resolve(status);
+      });
     });
     assert.equal(code, 0);
     const r = JSON.parse(readFileSync(out, "utf8"));

@@ -8,7 +8,6 @@ import { createServer, request, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import { issueCertificate } from "../cli/local/devCertificates.js";
 import { LOCAL_MAILBOX } from "../cli/local/localStack.js";
 import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
@@ -18,6 +17,7 @@ import { openMailQueues, type MailQueues } from "../shared/queue/mailQueue.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
 import { openTable } from "../shared/storage/storageClients.js";
 import { messageIdFor } from "../shared/transport/smtpTransport.js";
+import { cliEntry } from "./support/cli.js";
 import { capturingLogger, drain, useLocalStack, within, type CapturedLogger } from "./support/harness.js";
 
 /** Deterministic "random" in [0, 1) from a transaction number. */
@@ -136,9 +136,9 @@ async function slowDeleteProxy(target: string): Promise<{ origin: string; close(
 describe("a worker killed with SIGKILL mid-batch", () => {
   const local = useLocalStack("qm-kill-");
 
-  const bin = fileURLToPath(new URL("../bin/queue-mailer.js", import.meta.url));
   function startWorker(env: Record<string, string>, args: string[]) {
-    const child = spawn(process.execPath, [bin, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "pipe", "pipe"] });
+    const [node = process.execPath, ...entry] = cliEntry;
+    const child = spawn(node, [...entry, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "pipe", "pipe"] });
     const lines: string[] = [];
     let buffer = "";
     child.stderr.on("data", (c: Buffer) => {

@@ -2,31 +2,19 @@
 // against a real Azurite. Listing must take nothing away; requeue must put back the original text
 // exactly as it was received (raw JSON stays raw, base64 stays base64) and lose nothing.
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, beforeEach, describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import { startAzurite, type Azurite } from "../cli/local/azurite.js";
 import { loadStorageConfig } from "../shared/config.js";
 import { encodeQueueText, openMailQueues, writePoisonRecord, type MailQueues } from "../shared/queue/mailQueue.js";
 import { decodeQueueText } from "../shared/queue/decode.js";
 import { HOST_MOVED_REASON, listPoison, requeuePoison } from "../shared/queue/poisonQueue.js";
 import type { PoisonRecord } from "../shared/queue/outcome.js";
+import { spawnCli } from "./support/cli.js";
 
-const bin = fileURLToPath(new URL("../bin/queue-mailer.js", import.meta.url));
-
-function run(args: string[], env: Record<string, string>, cwd: string): Promise<{ status: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const child = spawn(process.execPath, [bin, ...args], { cwd, env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => (stdout += c.toString()));
-    child.stderr.on("data", (c: Buffer) => (stderr += c.toString()));
-    child.on("exit", (status) => resolve({ status, stdout, stderr }));
-  });
-}
+const run = (args: string[], env: Record<string, string>, cwd: string) => spawnCli(args, { env, cwd });
 
 /** Raw JSON as Storage Explorer would put it, with spacing, an escape and non-ASCII that must survive as is. */
 const rawOriginal = '{ "id": "order-raw",   "to": "ada@example.test", "subject": "Grüße \\u00e9 <&>", "text": "x",  "bogus": 1 }';
