@@ -18,8 +18,7 @@ import type { QueueClient } from "@azure/storage-queue";
 import { startLocalStack, LOCAL_MAILBOX, type LocalStack } from "../cli/local/localStack.js";
 import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
 import { loadSendConfig, loadStorageConfig } from "../shared/config.js";
-import { certificateCredential } from "../shared/auth/credentialSource.js";
-import { fileCertificateSource } from "../shared/auth/certificateSource.js";
+import { credentialSourceFor } from "../shared/auth/credentialSource.js";
 import { silentLogger } from "../shared/log.js";
 import { encodeQueueText, openMailQueues } from "../shared/queue/mailQueue.js";
 import { TokenProvider } from "../shared/token/tokenProvider.js";
@@ -34,7 +33,9 @@ const NAIVE = Math.min(N, Number(values.naive));
 const POOL = 3; // Exchange's per-mailbox connection cap: the same for every contender
 const BATCH = 32;
 const root = fileURLToPath(new URL("..", import.meta.url));
-const bin = join(root, "bin/queue-mailer.js");
+// `queue-mailer` from the TypeScript sources through tsx (absolute paths: any cwd). Not through the
+// bin, which runs dist/ whenever it exists: whatever was compiled last, since nothing here builds.
+const cli = ["--import", import.meta.resolve("tsx"), join(root, "cli", "main.ts")];
 const workDir = resolve(root, ".bench");
 const caDir = join(workDir, "ca");
 
@@ -64,7 +65,7 @@ interface WorkerRun {
 
 /** `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back. */
 function runWorker(env: Record<string, string>, args: string[], until?: Promise<unknown>): Promise<WorkerRun> {
-  const child = spawn(process.execPath, [bin, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
+  const child = spawn(process.execPath, [...cli, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
   let buffer = "";
   const run: Partial<WorkerRun> = {};
   child.stderr.on("data", (chunk: Buffer) => {
@@ -194,7 +195,7 @@ async function main(): Promise<void> {
     // rawSmtp: nodemailer with the same pool size and one token.
     log(`rawSmtp: ${N} messages…`);
     const fileConfig = loadSendConfig({ ...stack.env, MAIL_QUEUE: "bench-raw" });
-    const tokens = new TokenProvider({ tokenUrl: stack.oauth.tokenUrl, clientId: fileConfig.auth.clientId, scope: stack.oauth.scope, credential: certificateCredential(fileConfig.auth, silentLogger, fileCertificateSource(stack.certPath)), logger: silentLogger });
+    const tokens = new TokenProvider({ credential: credentialSourceFor(fileConfig.auth, silentLogger), logger: silentLogger });
     const token = (await tokens.getToken()).token;
     let rawSmtpMs: number;
     {
@@ -244,7 +245,7 @@ async function main(): Promise<void> {
         Array.from({ length: POOL }, async () => {
           while (next < NAIVE) {
             const i = next++;
-            const fresh = new TokenProvider({ tokenUrl: stack.oauth.tokenUrl, clientId: fileConfig.auth.clientId, scope: stack.oauth.scope, credential: certificateCredential(fileConfig.auth, silentLogger, fileCertificateSource(stack.certPath)), logger: silentLogger });
+            const fresh = new TokenProvider({ credential: credentialSourceFor(fileConfig.auth, silentLogger), logger: silentLogger });
             const accessToken = (await fresh.getToken()).token;
             const transport = nodemailer.createTransport({ host: "127.0.0.1", port: sink.port, requireTLS: true, tls: { ca }, auth: { type: "OAuth2", user: LOCAL_MAILBOX, accessToken } });
             await transport.sendMail({ from: LOCAL_MAILBOX, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: "x" });

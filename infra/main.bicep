@@ -489,9 +489,10 @@ var webhookSetting = {
 }
 var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 
-// Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, ASSERTION_ALG, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
+// Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, ASSERTION_ALG, AUTHORITY_HOST, CLIENT_AUTH, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
 // Settings not set here (read only by `queue-mailer worker`; host.json sets the host's equivalents): LEASE_SECONDS, WORKER_BATCH_SIZE
 // Settings not set here (not used in Azure: identity-based storage and a Key Vault certificate instead): AzureWebJobsStorage, CERT_PATH, CERT_PASSWORD
+// Settings not set here (other auth methods; this template deploys AUTH_METHOD=certificate): CERT_SIGNING, CLIENT_SECRET, CLIENT_SECRET_NAME, GOOGLE_KEY_PATH, GOOGLE_KEY_NAME, MAILBOX_PASSWORD, MAILBOX_PASSWORD_NAME
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {

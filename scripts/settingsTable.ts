@@ -10,9 +10,11 @@ export const END = "<!-- settings:end -->";
 export function settingsTable(): string {
   const rows = settingSpecs.map((s) => {
     const required = s.requiredFor?.includes("send") ? "yes" : "";
-    const fallback = s.default === undefined ? "" : `\`${s.default}\``;
+    const perMethod = Object.entries(s.defaultFor ?? {}).map(([method, value]) => `; ${method}: \`${value}\``).join("");
+    const fallback = s.default === undefined ? "" : `\`${s.default}\`${perMethod}`;
     const values = s.values ? ` One of: ${s.values.map((v) => `\`${v}\``).join(", ")}.` : "";
-    return `| \`${s.name}\` | ${required} | ${fallback} | ${s.description}${values}${s.secret ? " Secret." : ""} |`;
+    const methods = s.authMethods ? ` Used by AUTH_METHOD ${s.authMethods.map((m) => `\`${m}\``).join(", ")}.` : "";
+    return `| \`${s.name}\` | ${required} | ${fallback} | ${s.description}${values}${methods}${s.secret ? " Secret." : ""} |`;
   });
   return ["| Setting | Required | Default | Meaning |", "| --- | --- | --- | --- |", ...rows].join("\n");
 }

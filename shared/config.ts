@@ -7,14 +7,21 @@ import { ConfigError } from "./errors.js";
 import { registerSecret } from "./redact.js";
 
 export type Env = Readonly<Record<string, string | undefined>>;
-export type AuthMethod = "certificate";
+export const AUTH_METHODS = ["certificate", "secret", "google-service-account", "password"] as const;
+export type AuthMethod = (typeof AUTH_METHODS)[number];
 export type AssertionAlg = "PS256" | "RS256";
+/** How a client secret travels: in the form body, or as HTTP Basic (RFC 6749 2.3.1). */
+export type ClientAuth = "post" | "basic";
+/** Microsoft's identity platform answers these methods; Google's token endpoint the other. */
+const MICROSOFT_METHODS: AuthMethod[] = ["certificate", "secret", "password"];
 
 export interface SettingSpec {
   name: string;
   type: "string" | "integer" | "url" | "enum";
-  /** Default as the user would write it; a function when it derives from other settings. */
+  /** Default as the user would write it; `${NAME}` refers to another setting. */
   default?: string;
+  /** A different default for some auth methods. */
+  defaultFor?: Partial<Record<AuthMethod, string>>;
   description: string;
   /** Which commands need it: "send" (worker, function), "storage" (anything touching the queue). */
   requiredFor?: Array<"send" | "storage">;
@@ -29,17 +36,26 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "AzureWebJobsStorage__queueServiceUri", type: "url", description: "Queue service URI for identity-based storage access (managed identity / `az login`), instead of a connection string." },
   { name: "MAIL_QUEUE", type: "string", default: "outbound-email", description: "Queue the application drops messages on; failed messages go to `<MAIL_QUEUE>-poison`." },
   { name: "MAIL_FROM", type: "string", description: "Default From address when a message has none (normally the mailbox in `SMTP_USER`)." },
-  { name: "AUTH_METHOD", type: "enum", default: "certificate", values: ["certificate"], description: "How the app proves its identity to the token endpoint." },
-  { name: "TENANT_ID", type: "string", requiredFor: ["send"], authMethods: ["certificate"], description: "Directory (tenant) ID of the app registration; used to build `TOKEN_URL`." },
-  { name: "CLIENT_ID", type: "string", requiredFor: ["send"], authMethods: ["certificate"], description: "Application (client) ID of the app registration: `iss` and `sub` of the client assertion." },
-  { name: "TOKEN_URL", type: "url", default: "https://login.microsoftonline.com/${TENANT_ID}/oauth2/v2.0/token", authMethods: ["certificate"], description: "OAuth2 token endpoint (v2). Plain http is refused except on loopback." },
-  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", authMethods: ["certificate"], description: "Scope requested for the SMTP token." },
-  { name: "KEY_VAULT_URL", type: "url", authMethods: ["certificate"], description: "Key Vault holding the certificate (e.g. `https://my-vault.vault.azure.net`). Either this with `CERT_NAME`, or `CERT_PATH`." },
+  { name: "AUTH_METHOD", type: "enum", default: "certificate", values: [...AUTH_METHODS], description: "How the app proves its identity to the token endpoint: a certificate (client assertion), a client `secret`, a Google `google-service-account` key (JWT bearer grant), or the legacy `password` grant." },
+  { name: "TENANT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Directory (tenant) ID of the app registration; used to build `TOKEN_URL`." },
+  { name: "CLIENT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Application (client) ID of the app registration: `iss` and `sub` of the client assertion, or the `client_id` sent with a secret or password." },
+  { name: "AUTHORITY_HOST", type: "url", default: "https://login.microsoftonline.com", authMethods: MICROSOFT_METHODS, description: "Microsoft identity platform host; national clouds use their own (`https://login.microsoftonline.us`, `https://login.chinacloudapi.cn`)." },
+  { name: "TOKEN_URL", type: "url", default: "${AUTHORITY_HOST}/${TENANT_ID}/oauth2/v2.0/token", description: "OAuth2 token endpoint: the override for any other OAuth server (with `google-service-account` the default is the key's `token_uri`, else https://oauth2.googleapis.com/token). Plain http is refused except on loopback." },
+  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/SMTP.Send" }, description: "Scope requested for the SMTP token." },
+  { name: "KEY_VAULT_URL", type: "url", description: "Key Vault holding the credential (e.g. `https://my-vault.vault.azure.net`): the certificate (`CERT_NAME`), or the secrets named by `CLIENT_SECRET_NAME`, `GOOGLE_KEY_NAME`, `MAILBOX_PASSWORD_NAME`." },
   { name: "CERT_NAME", type: "string", authMethods: ["certificate"], description: "Name of the certificate in Key Vault." },
   { name: "CERT_PATH", type: "string", authMethods: ["certificate"], description: "Local certificate instead of Key Vault: a PEM file with certificate and private key (either order), or a `.pfx`/`.p12` file." },
   { name: "CERT_PASSWORD", type: "string", authMethods: ["certificate"], secret: true, description: "Password of a `.pfx` file or of an encrypted PEM private key in `CERT_PATH`." },
+  { name: "CERT_SIGNING", type: "enum", default: "local", values: ["local", "vault"], authMethods: ["certificate"], description: "`local`: the private key is read from Key Vault (or `CERT_PATH`) and the assertion signed here. `vault`: the assertion is signed inside Key Vault (Key Vault Crypto User), so the key may be non-exportable; needs `KEY_VAULT_URL` and `CERT_NAME`." },
   { name: "ASSERTION_ALG", type: "enum", default: "PS256", values: ["PS256", "RS256"], authMethods: ["certificate"], description: "Client assertion signature: `PS256` with `x5t#S256` (current), or `RS256` with SHA-1 `x5t` added (legacy servers, ADFS)." },
-  { name: "SMTP_HOST", type: "string", default: "smtp.office365.com", description: "SMTP submission server." },
+  { name: "CLIENT_SECRET", type: "string", authMethods: ["secret", "password"], secret: true, description: "Client secret of the app registration (may be a Functions Key Vault reference `@Microsoft.KeyVault(...)`). Or `CLIENT_SECRET_NAME`." },
+  { name: "CLIENT_SECRET_NAME", type: "string", authMethods: ["secret", "password"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the client secret, read by the app (a new version is picked up after the token endpoint rejects the old one)." },
+  { name: "CLIENT_AUTH", type: "enum", default: "post", values: ["post", "basic"], authMethods: ["secret", "password"], description: "How the client secret is sent: `post` (client_secret_post, in the form) or `basic` (client_secret_basic, HTTP Basic)." },
+  { name: "GOOGLE_KEY_PATH", type: "string", authMethods: ["google-service-account"], description: "The Google service account's JSON key file. Or `GOOGLE_KEY_NAME`." },
+  { name: "GOOGLE_KEY_NAME", type: "string", authMethods: ["google-service-account"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the service account's JSON key." },
+  { name: "MAILBOX_PASSWORD", type: "string", authMethods: ["password"], secret: true, description: "Password of `SMTP_USER` for the legacy password grant. Or `MAILBOX_PASSWORD_NAME`." },
+  { name: "MAILBOX_PASSWORD_NAME", type: "string", authMethods: ["password"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the mailbox password." },
+  { name: "SMTP_HOST", type: "string", default: "smtp.office365.com", defaultFor: { "google-service-account": "smtp.gmail.com" }, description: "SMTP submission server." },
   { name: "SMTP_PORT", type: "integer", default: "587", min: 1, description: "SMTP port; STARTTLS is required." },
   { name: "SMTP_USER", type: "string", requiredFor: ["send"], description: "Mailbox the app signs in as (XOAUTH2 `user=`); messages are sent from it." },
   { name: "SMTP_MAX_CONNECTIONS", type: "integer", default: "3", min: 1, description: "Pooled SMTP connections per process (Exchange allows 3 per mailbox)." },
@@ -80,15 +96,45 @@ export type CertificateLocation =
   | { kind: "keyVault"; vaultUrl: string; name: string }
   | { kind: "file"; path: string; password?: string };
 
-export interface AuthConfig {
-  method: AuthMethod;
-  tenantId: string;
-  clientId: string;
-  tokenUrl: string;
-  scope: string;
-  assertionAlg: AssertionAlg;
-  certificate: CertificateLocation;
-}
+/** A secret given as a setting, or read from Key Vault by name (cached, re-read after a rejection). */
+export type SecretLocation =
+  | { kind: "value"; setting: string; value: string }
+  | { kind: "keyVault"; vaultUrl: string; name: string };
+
+export type AuthConfig =
+  | {
+      method: "certificate";
+      tenantId: string;
+      clientId: string;
+      tokenUrl: string;
+      scope: string;
+      assertionAlg: AssertionAlg;
+      certificate: CertificateLocation;
+      /** `vault`: signed inside Key Vault (the certificate is then always a Key Vault one). */
+      signing: "local" | "vault";
+    }
+  | { method: "secret"; tenantId: string; clientId: string; tokenUrl: string; scope: string; clientSecret: SecretLocation; clientAuth: ClientAuth }
+  | {
+      method: "google-service-account";
+      /** Undefined: the key's `token_uri`, else Google's endpoint. */
+      tokenUrl: string | undefined;
+      scope: string;
+      key: { kind: "file"; path: string } | { kind: "keyVault"; vaultUrl: string; name: string };
+      /** The Workspace user we send as (`sub`): SMTP_USER. */
+      subject: string;
+    }
+  | {
+      method: "password";
+      tenantId: string;
+      clientId: string;
+      tokenUrl: string;
+      scope: string;
+      username: string;
+      password: SecretLocation;
+      /** A confidential client sends its secret too. */
+      clientSecret: SecretLocation | undefined;
+      clientAuth: ClientAuth;
+    };
 
 export interface SmtpConfig {
   host: string;
@@ -146,6 +192,8 @@ export function readSettings(cwd = process.cwd(), env: Env = process.env): Env {
 /** Reads typed values and collects every problem, so one run names all of them. */
 class SettingReader {
   readonly problems: Array<{ setting: string; problem: string }> = [];
+  /** Set once AUTH_METHOD is read: per-method defaults apply from then on. */
+  method: AuthMethod | undefined;
   constructor(private readonly env: Env) {}
 
   private spec(name: string): SettingSpec {
@@ -158,7 +206,26 @@ class SettingReader {
     const value = this.env[name]?.trim();
     const spec = this.spec(name);
     if (spec.secret) registerSecret(value);
-    return value === "" || value === undefined ? spec.default : value;
+    const fallback = (this.method === undefined ? undefined : spec.defaultFor?.[this.method]) ?? spec.default;
+    return value === "" || value === undefined ? fallback : value;
+  }
+
+  /** Exactly one of a value setting and a Key Vault name setting, for a secret the method needs. */
+  secret(valueName: string, vaultName: string, what: string, options: { optional?: boolean } = {}): SecretLocation | undefined {
+    const value = this.raw(valueName);
+    const name = this.raw(vaultName);
+    if (value && name) {
+      this.problems.push({ setting: valueName, problem: `and ${vaultName} are both set. Keep one: ${valueName} holds ${what} itself, ${vaultName} names a Key Vault secret holding it.` });
+    }
+    if (value) return { kind: "value", setting: valueName, value };
+    if (name) {
+      const vaultUrl = this.raw("KEY_VAULT_URL");
+      if (!vaultUrl) this.problems.push({ setting: "KEY_VAULT_URL", problem: `is not set but ${vaultName} is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net` });
+      else this.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
+      return { kind: "keyVault", vaultUrl: vaultUrl ?? "", name };
+    }
+    if (!options.optional) this.problems.push({ setting: valueName, problem: `is not set, and neither is ${vaultName}. Set ${valueName} to ${what} (an app setting, or a @Microsoft.KeyVault(...) reference), or ${vaultName} to the name of a Key Vault secret holding it.` });
+    return undefined;
   }
 
   required(name: string, fix: string): string {
@@ -242,48 +309,84 @@ export function loadStorageConfig(env: Env): StorageConfig {
   return storage;
 }
 
-/** What the sender needs (the function and `queue-mailer worker`). Throws one ConfigError naming every problem. */
-export function loadSendConfig(env: Env): SendConfig {
-  const reader = new SettingReader(env);
-  const storage = storageConfig(reader);
-  const method = reader.oneOf<AuthMethod>("AUTH_METHOD");
+/** Where the Microsoft identity platform's token endpoint is, unless TOKEN_URL says otherwise. */
+function microsoftTokenUrl(reader: SettingReader, env: Env): { tenantId: string; clientId: string; tokenUrl: string } {
   const clientId = reader.required("CLIENT_ID", "Set it to the Application (client) ID from the app registration's Overview page.");
   const explicitTokenUrl = env["TOKEN_URL"]?.trim();
   const tenantId = explicitTokenUrl
     ? (reader.raw("TENANT_ID") ?? "")
     : reader.required("TENANT_ID", "Set it to the Directory (tenant) ID from the app registration's Overview page (or set TOKEN_URL).");
-  const tokenUrl = reader.url(
-    "TOKEN_URL",
-    explicitTokenUrl || `https://login.microsoftonline.com/${encodeURIComponent(tenantId)}/oauth2/v2.0/token`,
-    { allowLoopbackHttp: true },
-  );
+  const authority = reader.url("AUTHORITY_HOST", reader.raw("AUTHORITY_HOST"), { allowLoopbackHttp: true }).replace(/\/+$/, "");
+  const tokenUrl = reader.url("TOKEN_URL", explicitTokenUrl || `${authority}/${encodeURIComponent(tenantId)}/oauth2/v2.0/token`, { allowLoopbackHttp: true });
+  return { tenantId, clientId, tokenUrl };
+}
 
+function certificateLocation(reader: SettingReader, signing: "local" | "vault"): CertificateLocation {
   const vaultUrl = reader.raw("KEY_VAULT_URL");
   const certName = reader.raw("CERT_NAME");
   const certPath = reader.raw("CERT_PATH");
   const certPassword = reader.raw("CERT_PASSWORD");
-  let certificate: CertificateLocation = { kind: "file", path: "" };
-  if (certPath) {
-    certificate = { kind: "file", path: certPath, ...(certPassword ? { password: certPassword } : {}) };
-  } else if (vaultUrl || certName) {
+  if (signing === "vault" && certPath && !(vaultUrl && certName)) {
+    reader.problems.push({ setting: "CERT_SIGNING", problem: "is vault, which signs inside Key Vault, but the certificate is a local file (CERT_PATH). Set KEY_VAULT_URL and CERT_NAME, or CERT_SIGNING=local." });
+  }
+  if (certPath && signing === "local") return { kind: "file", path: certPath, ...(certPassword ? { password: certPassword } : {}) };
+  if (vaultUrl || certName) {
     if (!vaultUrl) reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but CERT_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
     if (!certName) reader.problems.push({ setting: "CERT_NAME", problem: "is not set but KEY_VAULT_URL is. Set it to the certificate's name in that vault." });
     reader.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
-    certificate = { kind: "keyVault", vaultUrl: vaultUrl ?? "", name: certName ?? "" };
-  } else {
-    reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set, and neither is CERT_PATH. Set KEY_VAULT_URL and CERT_NAME (certificate in Key Vault), or CERT_PATH (local PEM or PFX file)." });
+    return { kind: "keyVault", vaultUrl: vaultUrl ?? "", name: certName ?? "" };
   }
+  if (!certPath) reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set, and neither is CERT_PATH. Set KEY_VAULT_URL and CERT_NAME (certificate in Key Vault), or CERT_PATH (local PEM or PFX file)." });
+  return { kind: "file", path: "" };
+}
 
-  const smtpUser = reader.required("SMTP_USER", "Set it to the mailbox address the app sends as (it needs SMTP AUTH enabled and a FullAccess grant for the app's service principal).");
-  const auth: AuthConfig = {
-    method,
-    tenantId,
-    clientId,
-    tokenUrl,
-    scope: reader.raw("TOKEN_SCOPE") ?? "",
-    assertionAlg: reader.oneOf<AssertionAlg>("ASSERTION_ALG"),
-    certificate,
-  };
+/** The credential settings of one auth method; settings of other methods are ignored. */
+function authConfig(reader: SettingReader, env: Env, method: AuthMethod, smtpUser: string): AuthConfig {
+  const scope = reader.raw("TOKEN_SCOPE") ?? "";
+  switch (method) {
+    case "secret": {
+      const clientSecret = reader.secret("CLIENT_SECRET", "CLIENT_SECRET_NAME", "the client secret's value (Certificates & secrets in the app registration)");
+      return { method, ...microsoftTokenUrl(reader, env), scope, clientSecret: clientSecret ?? { kind: "value", setting: "CLIENT_SECRET", value: "" }, clientAuth: reader.oneOf<ClientAuth>("CLIENT_AUTH") };
+    }
+    case "password": {
+      const password = reader.secret("MAILBOX_PASSWORD", "MAILBOX_PASSWORD_NAME", "the password of SMTP_USER");
+      const clientSecret = reader.secret("CLIENT_SECRET", "CLIENT_SECRET_NAME", "the client secret", { optional: true });
+      return { method, ...microsoftTokenUrl(reader, env), scope, username: smtpUser, password: password ?? { kind: "value", setting: "MAILBOX_PASSWORD", value: "" }, clientSecret, clientAuth: reader.oneOf<ClientAuth>("CLIENT_AUTH") };
+    }
+    case "google-service-account": {
+      const explicitTokenUrl = env["TOKEN_URL"]?.trim();
+      const tokenUrl = explicitTokenUrl ? reader.url("TOKEN_URL", explicitTokenUrl, { allowLoopbackHttp: true }) : undefined;
+      const path = reader.raw("GOOGLE_KEY_PATH");
+      const name = reader.raw("GOOGLE_KEY_NAME");
+      let key: Extract<AuthConfig, { method: "google-service-account" }>["key"] = { kind: "file", path: path ?? "" };
+      if (path && name) reader.problems.push({ setting: "GOOGLE_KEY_PATH", problem: "and GOOGLE_KEY_NAME are both set. Keep one: a key file, or the name of a Key Vault secret holding the JSON key." });
+      if (!path && name) {
+        const vaultUrl = reader.raw("KEY_VAULT_URL");
+        if (!vaultUrl) reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but GOOGLE_KEY_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
+        else reader.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
+        key = { kind: "keyVault", vaultUrl: vaultUrl ?? "", name };
+      }
+      if (!path && !name) reader.problems.push({ setting: "GOOGLE_KEY_PATH", problem: "is not set, and neither is GOOGLE_KEY_NAME. Create a JSON key for the service account (IAM & Admin > Service accounts > Keys) and set GOOGLE_KEY_PATH to the file, or store the JSON as a Key Vault secret and set GOOGLE_KEY_NAME." });
+      return { method, tokenUrl, scope, key, subject: smtpUser };
+    }
+    case "certificate":
+    default: {
+      const signing = reader.oneOf<"local" | "vault">("CERT_SIGNING");
+      return { method: "certificate", ...microsoftTokenUrl(reader, env), scope, assertionAlg: reader.oneOf<AssertionAlg>("ASSERTION_ALG"), certificate: certificateLocation(reader, signing), signing };
+    }
+  }
+}
+
+/** What the sender needs (the function and `queue-mailer worker`). Throws one ConfigError naming every problem. */
+export function loadSendConfig(env: Env): SendConfig {
+  const reader = new SettingReader(env);
+  const storage = storageConfig(reader);
+  const method = reader.oneOf<AuthMethod>("AUTH_METHOD");
+  if (AUTH_METHODS.includes(method)) reader.method = method;
+  const smtpUser = reader.required("SMTP_USER", method === "google-service-account"
+    ? "Set it to the Workspace user the service account sends as (the assertion's `sub`; domain-wide delegation must allow it)."
+    : "Set it to the mailbox address the app sends as (it needs SMTP AUTH enabled and a FullAccess grant for the app's service principal).");
+  const auth = authConfig(reader, env, method, smtpUser);
   const smtp: SmtpConfig = {
     host: reader.raw("SMTP_HOST") ?? "",
     port: reader.integer("SMTP_PORT"),

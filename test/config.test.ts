@@ -1,12 +1,11 @@
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import { loadSendConfig, loadStorageConfig, readSettings, settingSpecs } from "../shared/config.js";
 import { ConfigError } from "../shared/errors.js";
+import { spawnCli } from "./support/cli.js";
 
 const complete = {
   AzureWebJobsStorage: "UseDevelopmentStorage=true",
@@ -30,6 +29,7 @@ function configError(fn: () => unknown): ConfigError {
 describe("config", () => {
   it("applies the documented defaults", () => {
     const config = loadSendConfig(complete);
+    assert.ok(config.auth.method === "certificate");
     assert.equal(config.auth.tokenUrl, "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token");
     assert.equal(config.auth.scope, "https://outlook.office365.com/.default");
     assert.equal(config.auth.assertionAlg, "PS256");
@@ -63,6 +63,7 @@ describe("config", () => {
 
   it("CERT_PATH replaces Key Vault; CERT_NAME without KEY_VAULT_URL is named", () => {
     const config = loadSendConfig({ ...complete, KEY_VAULT_URL: "", CERT_NAME: "", CERT_PATH: "/certs/app.pfx", CERT_PASSWORD: "pfx-password-123" });
+    assert.ok(config.auth.method === "certificate");
     assert.deepEqual(config.auth.certificate, { kind: "file", path: "/certs/app.pfx", password: "pfx-password-123" });
     const error = configError(() => loadSendConfig({ ...complete, KEY_VAULT_URL: "" }));
     assert.deepEqual(error.settings, ["KEY_VAULT_URL"]);
@@ -93,14 +94,12 @@ describe("config", () => {
 });
 
 describe("queue-mailer CLI without settings", () => {
-  const bin = fileURLToPath(new URL("../bin/queue-mailer.js", import.meta.url));
-  const run = (args: string[], cwd: string) =>
-    spawnSync(process.execPath, [bin, ...args], { cwd, encoding: "utf8", env: { PATH: process.env["PATH"] ?? "" }, timeout: 60_000 });
+  const run = (args: string[], cwd: string) => spawnCli(args, { cwd });
 
-  it("--help works with no settings at all", () => {
+  it("--help works with no settings at all", async () => {
     const dir = mkdtempSync(join(tmpdir(), "qm-cli-"));
     try {
-      const result = run(["--help"], dir);
+      const result = await run(["--help"], dir);
       assert.equal(result.status, 0, result.stderr);
       assert.match(result.stdout, /queue-mailer worker \[--drain\]/);
       assert.match(result.stdout, /queue-mailer enqueue/);
@@ -109,10 +108,10 @@ describe("queue-mailer CLI without settings", () => {
     }
   });
 
-  it("worker names each missing setting and exits non-zero before touching the queue", () => {
+  it("worker names each missing setting and exits non-zero before touching the queue", async () => {
     const dir = mkdtempSync(join(tmpdir(), "qm-cli-"));
     try {
-      const result = run(["worker"], dir);
+      const result = await run(["worker"], dir);
       assert.equal(result.status, 2);
       for (const setting of ["AzureWebJobsStorage", "CLIENT_ID", "TENANT_ID", "KEY_VAULT_URL", "SMTP_USER"]) {
         assert.match(result.stderr, new RegExp(`${setting}: is not set`));

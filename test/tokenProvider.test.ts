@@ -14,7 +14,7 @@ import { issueCertificate } from "../cli/local/devCertificates.js";
 import { startOAuthServer } from "../cli/local/oauthServer.js";
 import type { OAuthServer } from "../cli/local/oauthServer.js";
 import { fileCertificateSource } from "../shared/auth/certificateSource.js";
-import { certificateCredential } from "../shared/auth/credentialSource.js";
+import { certificateCredential } from "../shared/auth/certificateCredential.js";
 import type { CredentialSource } from "../shared/auth/credentialSource.js";
 import type { AssertionAlg, AuthConfig } from "../shared/config.js";
 import { rejectionOf } from "./support/harness.js";
@@ -62,14 +62,15 @@ describe("TokenProvider against the local OAuth server", () => {
       scope: oauth.scope,
       assertionAlg: alg,
       certificate: { kind: "file", path },
+      signing: "local",
     };
     const real = certificateCredential(auth, logger, fileCertificateSource(path));
     return {
       method: real.method,
-      async tokenRequestParameters(tokenUrl) {
-        const parameters = await real.tokenRequestParameters(tokenUrl);
-        if (parameters.client_assertion) assertions.add(parameters.client_assertion);
-        return parameters;
+      async tokenRequest() {
+        const request = await real.tokenRequest();
+        if (request.form["client_assertion"]) assertions.add(request.form["client_assertion"]);
+        return request;
       },
       invalidate: () => real.invalidate(),
     };
@@ -77,8 +78,12 @@ describe("TokenProvider against the local OAuth server", () => {
 
   let credential: CredentialSource;
 
-  function provider(options: Partial<TokenProviderOptions> = {}): TokenProvider {
-    return new TokenProvider({ tokenUrl: oauth.tokenUrl, clientId, scope: oauth.scope, credential, logger, ...options });
+  /** `tokenUrl` sends the same request elsewhere (servers that fail in their own ways). */
+  function provider(options: Partial<TokenProviderOptions> & { tokenUrl?: string } = {}): TokenProvider {
+    const { tokenUrl, ...rest } = options;
+    const base = rest.credential ?? credential;
+    const redirected: CredentialSource = tokenUrl === undefined ? base : { ...base, tokenRequest: async () => ({ ...(await base.tokenRequest()), url: tokenUrl }) };
+    return new TokenProvider({ logger, ...rest, credential: redirected });
   }
 
   function remember(token: AccessToken): AccessToken {

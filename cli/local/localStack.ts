@@ -3,6 +3,7 @@
 // requires STARTTLS and XOAUTH2 and checks the token it gets. Used by `npm run local`, the tests
 // and the benchmark. `env` holds the settings that point the sender at it.
 import { mkdirSync, writeFileSync } from "node:fs";
+import type { AuthMethod } from "../../shared/config.js";
 import { join, resolve } from "node:path";
 import { startAzurite, type Azurite } from "./azurite.js";
 import { ensureCertificateAuthority, issueCertificate, type CertificateAndKey } from "./devCertificates.js";
@@ -25,6 +26,8 @@ export interface LocalStackOptions {
   accessTokenTtlSeconds?: number;
   /** The client certificate the OAuth server trusts; generated when absent. */
   clientCertificate?: CertificateAndKey;
+  /** Which AUTH_METHOD `env` is set up for (default certificate); the local servers accept it. */
+  authMethod?: AuthMethod;
 }
 
 export interface LocalStack {
@@ -37,6 +40,16 @@ export interface LocalStack {
   /** Settings for the sender (worker or function). */
   env: Record<string, string>;
   stop(): Promise<void>;
+}
+
+/** The settings of one auth method, pointed at the local servers. */
+function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath: string }): Record<string, string> {
+  switch (method) {
+    case "certificate":
+      return { AUTH_METHOD: "certificate", TENANT_ID: LOCAL_TENANT_ID, CLIENT_ID: LOCAL_CLIENT_ID, TOKEN_URL: local.oauth.tokenUrl, TOKEN_SCOPE: local.oauth.scope, CERT_PATH: local.certPath };
+    default:
+      throw new Error(`the local stack cannot serve AUTH_METHOD=${method} yet`);
+  }
 }
 
 export async function startLocalStack(options: LocalStackOptions): Promise<LocalStack> {
@@ -68,12 +81,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     const env: Record<string, string> = {
       AzureWebJobsStorage: azurite.connectionString,
       MAIL_QUEUE: "outbound-email",
-      AUTH_METHOD: "certificate",
-      TENANT_ID: LOCAL_TENANT_ID,
-      CLIENT_ID: LOCAL_CLIENT_ID,
-      TOKEN_URL: oauth.tokenUrl,
-      TOKEN_SCOPE: oauth.scope,
-      CERT_PATH: certPath,
+      ...authSettings(options.authMethod ?? "certificate", { oauth, certPath }),
       SMTP_HOST: "127.0.0.1",
       SMTP_PORT: String(smtp.port),
       SMTP_USER: LOCAL_MAILBOX,

@@ -10,7 +10,7 @@ import { parseArgs } from "node:util";
 import { enqueueEmail } from "../../shared/enqueueEmail.js";
 import type { EmailMessageInput } from "../../shared/message/schema.js";
 import { openMailQueues } from "../../shared/queue/mailQueue.js";
-import { loadStorageConfig } from "../../shared/config.js";
+import { AUTH_METHODS, loadStorageConfig, type AuthMethod } from "../../shared/config.js";
 import { startLocalStack } from "./localStack.js";
 
 const { values } = parseArgs({ options: { once: { type: "boolean" }, dir: { type: "string" } }, strict: true });
@@ -34,7 +34,14 @@ const samples: EmailMessageInput[] = [
 ];
 
 console.log("queue-mailer local: starting Azurite, the OAuth server and the SMTP server on 127.0.0.1 …");
-const stack = await startLocalStack({ caDir: join(dir, "ca"), workDir: dir, outboxDir, preferDefaultPorts: !once });
+// AUTH_METHOD picks the credential to demonstrate (certificate by default); the local servers are
+// set up to accept it, and the worker gets the matching settings.
+const authMethod = (process.env["AUTH_METHOD"] || "certificate") as AuthMethod;
+if (!(AUTH_METHODS as readonly string[]).includes(authMethod)) {
+  console.error(`AUTH_METHOD must be one of ${AUTH_METHODS.join(", ")}; got "${authMethod}"`);
+  process.exit(2);
+}
+const stack = await startLocalStack({ caDir: join(dir, "ca"), workDir: dir, outboxDir, preferDefaultPorts: !once, authMethod });
 const env = stack.env;
 console.log(`  storage   ${stack.azurite.connectionString.startsWith("UseDevelopmentStorage") ? "UseDevelopmentStorage=true (ports 10000-10002)" : `ports ${stack.azurite.ports.queue} (queue)`}`);
 console.log(`  token     ${stack.oauth.tokenUrl}  (verifies client assertions signed with ${relative(process.cwd(), stack.certPath)})`);

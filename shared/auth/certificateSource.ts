@@ -43,15 +43,24 @@ interface RestLikeError {
   message?: string;
 }
 
-function keyVaultError(error: unknown, what: string, vaultUrl: string, name: string): MailerError {
-  const rest = error as RestLikeError;
+/** What was being done in the vault: it decides the role an access denial names. */
+export type KeyVaultUse = "certificate" | "secret" | "sign";
+
+const rolesFor: Record<KeyVaultUse, string> = {
+  certificate: "Grant the app's identity the 'Key Vault Certificate User' role on the vault (it reads the certificate and its exportable key).",
+  secret: "Grant the app's identity the 'Key Vault Secrets User' role on the vault (or on this secret).",
+  sign: "CERT_SIGNING=vault signs inside the vault: grant the app's identity the 'Key Vault Crypto User' role (sign) and 'Key Vault Certificate User' (to read the public certificate).",
+};
+
+export function keyVaultError(error: unknown, what: string, vaultUrl: string, name: string, use: KeyVaultUse = "certificate"): MailerError {
+  const rest = error as RestLikeError & { response?: { headers?: { get?(name: string): string | undefined } } };
   const status = rest.statusCode;
   const detail = `${rest.code ?? ""} ${rest.message ?? String(error)}`.trim();
   if (status === 401 || status === 403) {
-    return new MailerError("KEYVAULT_ACCESS_DENIED", `Key Vault ${vaultUrl} refused to read ${what} "${name}" (${status}): ${detail}`, {
+    return new MailerError("KEYVAULT_ACCESS_DENIED", `Key Vault ${vaultUrl} refused to ${use === "sign" ? "sign with" : "read"} ${what} "${name}" (${status}): ${detail}`, {
       kind: "config",
       response: detail,
-      hint: "Grant the app's identity the 'Key Vault Certificate User' role on the vault (or 'Key Vault Secrets User' for the key).",
+      hint: rolesFor[use],
       cause: error,
     });
   }
@@ -59,15 +68,17 @@ function keyVaultError(error: unknown, what: string, vaultUrl: string, name: str
     return new MailerError("KEYVAULT_NOT_FOUND", `Key Vault ${vaultUrl} has no ${what} "${name}"${what === "private key" ? " (is the certificate exportable?)" : ""}`, {
       kind: "config",
       response: detail,
-      hint: "Check CERT_NAME; the certificate's key policy must be exportable to sign locally.",
+      hint: use === "secret" ? "Check the secret's name setting and that the secret is enabled." : "Check CERT_NAME; the certificate's key policy must be exportable to sign locally (or use CERT_SIGNING=vault).",
       cause: error,
     });
   }
-  // Throttling, server errors, network: worth retrying.
+  // Throttling, server errors, network: worth retrying, no sooner than the vault asked.
+  const retryAfter = rest.response?.headers?.get?.("retry-after");
   return new MailerError("KEYVAULT_UNAVAILABLE", `Key Vault ${vaultUrl} could not be read (${status ?? "network"}): ${detail}`, {
     kind: "transient",
     response: detail,
     cause: error,
+    ...(retryAfter !== undefined && /^\d+$/.test(retryAfter) ? { retryAfterSeconds: Number(retryAfter) } : {}),
   });
 }
 

@@ -1,42 +1,40 @@
-// A CredentialSource turns our configured identity into the parameters of a token request. The
-// TokenProvider does the HTTP, the caching and the error handling for every method; a new auth
-// method is one new file implementing this interface.
-import type { AuthConfig } from "../config.js";
+// A CredentialSource turns our configured identity into one token request: where it goes, the form
+// fields and any header. The TokenProvider does the HTTP, the caching, the single flight and the
+// error handling for every method; a new auth method is one new file implementing this interface
+// and one line in credentialSourceFor below.
+import type { AuthConfig, AuthMethod } from "../config.js";
 import type { Logger } from "../log.js";
-import { certificateSourceFor, type CertificateSource } from "./certificateSource.js";
-import { createClientAssertion } from "./clientAssertion.js";
+import { certificateCredential } from "./certificateCredential.js";
+import { googleServiceAccountCredential } from "./googleServiceAccountCredential.js";
+import { passwordCredential } from "./passwordCredential.js";
+import { secretCredential } from "./secretCredential.js";
 
-export interface CredentialSource {
-  readonly method: string;
-  /** Form fields for the token request, besides grant_type/client_id/scope. */
-  tokenRequestParameters(tokenUrl: string): Promise<Record<string, string>>;
-  /** The token endpoint rejected our credential: forget cached material (a renewal may be waiting). */
-  invalidate(): void;
+export interface TokenRequest {
+  /** The token endpoint. */
+  url: string;
+  /** Form fields, all of them: grant_type, client_id, scope and the credential itself. Secret. */
+  form: Record<string, string>;
+  /** Extra request headers (HTTP Basic client authentication). Secret. */
+  headers?: Record<string, string>;
 }
 
-export function certificateCredential(auth: AuthConfig, logger: Logger, certificates: CertificateSource = certificateSourceFor(auth.certificate, logger)): CredentialSource {
-  return {
-    method: "certificate",
-    async tokenRequestParameters(tokenUrl) {
-      const signing = await certificates.load();
-      const assertion = await createClientAssertion(signing, { clientId: auth.clientId, audience: tokenUrl, alg: auth.assertionAlg });
-      // Like nodemailer: log the claims of the assertion, never the signed token.
-      logger.log("debug", "assertion.created", { header: assertion.header, claims: assertion.claims });
-      return {
-        grant_type: "client_credentials",
-        client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-        client_assertion: assertion.jwt,
-      };
-    },
-    invalidate() {
-      certificates.invalidate();
-    },
-  };
+export interface CredentialSource {
+  readonly method: AuthMethod;
+  /** One token request; signed assertions are made fresh for each (a new jti every time). */
+  tokenRequest(): Promise<TokenRequest>;
+  /** The token endpoint rejected our credential: forget cached material (a renewal may be waiting). */
+  invalidate(): void;
 }
 
 export function credentialSourceFor(auth: AuthConfig, logger: Logger): CredentialSource {
   switch (auth.method) {
     case "certificate":
       return certificateCredential(auth, logger);
+    case "secret":
+      return secretCredential(auth, logger);
+    case "google-service-account":
+      return googleServiceAccountCredential(auth, logger);
+    case "password":
+      return passwordCredential(auth, logger);
   }
 }

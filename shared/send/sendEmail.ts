@@ -35,7 +35,7 @@ export interface SenderParts {
 
 export function createSender(config: SendConfig, logger: Logger, parts: SenderParts = {}): Sender {
   const credential = credentialSourceFor(config.auth, logger);
-  const tokens = new TokenProvider({ tokenUrl: config.auth.tokenUrl, clientId: config.auth.clientId, scope: config.auth.scope, credential, logger });
+  const tokens = new TokenProvider({ credential, logger });
   // The per-mailbox limits hold across instances: both live in Table storage.
   const transport = parts.transport ?? createSmtpTransport(config.smtp, tokens, logger, { connectionSlots: tableConnectionSlots(config.storage, config.smtp.user, config.smtp.maxConnections) });
   const rateLimiter = parts.rateLimiter ?? tableRateLimiter(config.storage, config.smtp.user, config.smtp.ratePerMinute, { windowMs: config.smtp.rateWindowSeconds * 1000 });

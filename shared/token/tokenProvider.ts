@@ -13,9 +13,7 @@ export interface AccessToken {
 }
 
 export interface TokenProviderOptions {
-  tokenUrl: string;
-  clientId: string;
-  scope: string;
+  /** Says where the request goes and what it carries; the provider only does the HTTP. */
   credential: CredentialSource;
   logger: Logger;
   refreshMarginSeconds?: number;
@@ -58,9 +56,9 @@ export class TokenProvider {
   }
 
   private async request(): Promise<AccessToken> {
-    const { tokenUrl, clientId, scope, credential, logger } = this.options;
-    const parameters = await credential.tokenRequestParameters(tokenUrl);
-    const body = new URLSearchParams({ client_id: clientId, scope, ...parameters });
+    const { credential, logger } = this.options;
+    const { url: tokenUrl, form, headers } = await credential.tokenRequest();
+    const body = new URLSearchParams(form);
     this.stats.requests += 1;
     const started = this.now();
     let response: Response;
@@ -68,7 +66,7 @@ export class TokenProvider {
     try {
       response = await fetch(tokenUrl, {
         method: "POST",
-        headers: { "content-type": "application/x-www-form-urlencoded", accept: "application/json" },
+        headers: { ...headers, "content-type": "application/x-www-form-urlencoded", accept: "application/json" },
         body,
         signal: AbortSignal.timeout(this.options.timeoutMs ?? 15_000),
       });
