@@ -7,7 +7,7 @@
 //
 // The template does not cover the steps that Azure Resource Manager cannot perform: the app
 // registration, the certificate in Key Vault, SMTP.SendAsApp consent and the Exchange service
-// principal. README.md ("Deploying to Azure") walks through them.
+// principal. docs/deploy-azure.md walks through them.
 //
 // test/infra.test.ts checks this file against shared/config.ts (settingSpecs), host.json and
 // the table and queue names in the code. When a setting is added there, add it below, either as
@@ -44,7 +44,7 @@ param smtpUser string
 @description('MAIL_FROM: default From address. Empty means SMTP_USER.')
 param mailFrom string = ''
 
-@description('CERT_NAME: name of the certificate in the Key Vault this template creates (create it afterwards, see README.md ("Deploying to Azure")).')
+@description('CERT_NAME: name of the certificate in the Key Vault this template creates (create it afterwards, see docs/deploy-azure.md).')
 param certificateName string = 'smtp-sender'
 
 @description('How the function uses the certificate. "export": reads the certificate with its private key (Key Vault Certificate User); this is what the code does today. "remote": the key stays in the vault and the function signs with it (Key Vault Crypto User + Key Vault Reader), for a remote-signing credential source.')
@@ -80,7 +80,7 @@ param expiryCriticalDays int = 7
 @description('EXPIRY_WATCH_NAMES: Key Vault items to watch (names or prefixes ending in *). Empty means everything in the vault.')
 param expiryWatchNames string = ''
 
-@description('EXPIRY_CHECK_APP_REGISTRATION: also read the app registration\'s credentials through Microsoft Graph. The managed identity then needs the Graph application permission Application.Read.All (README.md ("Deploying to Azure")).')
+@description('EXPIRY_CHECK_APP_REGISTRATION: also read the app registration\'s credentials through Microsoft Graph. The managed identity then needs the Graph application permission Application.Read.All (docs/deploy-azure.md).')
 @allowed([
   'true'
   'false'
@@ -96,7 +96,7 @@ param expiryWebhookSecretName string = ''
 @description('Email address for the Azure Monitor alerts (expiry warnings, poisoned messages, sending paused). Empty means the alert rules fire without notifying anyone.')
 param alertEmail string = ''
 
-@description('Upper bound of instances per function. The Exchange limits are per mailbox and hold across instances (Table storage), so more instances do not send faster. See "How to scale" in README.md ("Deploying to Azure").')
+@description('Upper bound of instances per function. The Exchange limits are per mailbox and hold across instances (Table storage), so more instances do not send faster. See docs/scaling.md.')
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int = 2
@@ -575,7 +575,7 @@ resource expiryAlert 'Microsoft.Insights/scheduledQueryRules@2022-06-15' = {
   kind: 'LogAlert'
   properties: {
     displayName: 'queue-mailer: certificate or secret expiring'
-    description: 'The expiry watch logged an "expiry.alert" record: a certificate or secret it watches (the sender\'s own certificate included) crossed a warning threshold, or is critical or expired. Run `queue-mailer expiry` for the list; renew as described in README.md ("Deploying to Azure").'
+    description: 'The expiry watch logged an "expiry.alert" record: a certificate or secret it watches (the sender\'s own certificate included) crossed a warning threshold, or is critical or expired. Run `queue-mailer expiry` for the list; renew as described in docs/deploy-azure.md.'
     severity: 2
     enabled: true
     scopes: [

@@ -2,7 +2,7 @@
 // even when the body names an AADSTS code; 400/401 answers mean our setup is wrong.
 import { MailerError } from "../errors.js";
 
-// What each common AADSTS code means for the person fixing the setup (see ../README.md, Azure setup).
+// What each common AADSTS code means for the person fixing the setup (see docs/auth-*.md).
 const aadstsHints: Record<string, string> = {
   "700016": "The app (CLIENT_ID) was not found in the tenant (TENANT_ID): check both IDs and that the app is registered in that tenant.",
   "7000215": "The client secret is wrong or expired: create a new one in Certificates & secrets.",
