@@ -33,10 +33,18 @@ param tags object = {}
 @description('TENANT_ID: directory of the app registration that holds SMTP.SendAsApp (normally this subscription\'s tenant).')
 param tenantId string = tenant().tenantId
 
-@description('CLIENT_ID: Application (client) ID of the app registration.')
-@minLength(36)
+@description('AUTH_METHOD: how the app signs in (docs/auth-*.md). "certificate" (client assertion, the certificate in this vault), "secret" (client secret, from the vault secret clientSecretName), "google-service-account" (JSON key, from the vault secret googleKeySecretName), "password" (legacy password grant, from the vault secret mailboxPasswordSecretName).')
+@allowed([
+  'certificate'
+  'secret'
+  'google-service-account'
+  'password'
+])
+param authMethod string = 'certificate'
+
+@description('CLIENT_ID: Application (client) ID of the app registration (every method but google-service-account).')
 @maxLength(36)
-param appClientId string
+param appClientId string = ''
 
 @description('SMTP_USER: the mailbox the app signs in as and sends from.')
 param smtpUser string
@@ -47,12 +55,21 @@ param mailFrom string = ''
 @description('CERT_NAME: name of the certificate in the Key Vault this template creates (create it afterwards, see docs/deploy-azure.md).')
 param certificateName string = 'smtp-sender'
 
-@description('How the function uses the certificate. "export": reads the certificate with its private key (Key Vault Certificate User); this is what the code does today. "remote": the key stays in the vault and the function signs with it (Key Vault Crypto User + Key Vault Reader), for a remote-signing credential source.')
+@description('CERT_SIGNING, for authMethod certificate. "export" (CERT_SIGNING=local): reads the certificate with its private key (Key Vault Certificate User). "remote" (CERT_SIGNING=vault): the key stays in the vault, which signs each assertion (Key Vault Crypto User; Key Vault Reader reads the public certificate), so the key may be non-exportable.')
 @allowed([
   'export'
   'remote'
 ])
 param signingMode string = 'export'
+
+@description('CLIENT_SECRET_NAME: name of the vault secret holding the client secret (authMethod secret; optional for password). Empty: none.')
+param clientSecretName string = ''
+
+@description('GOOGLE_KEY_NAME: name of the vault secret holding the service account\'s JSON key (authMethod google-service-account).')
+param googleKeySecretName string = ''
+
+@description('MAILBOX_PASSWORD_NAME: name of the vault secret holding the mailbox password (authMethod password).')
+param mailboxPasswordSecretName string = ''
 
 @description('MAIL_QUEUE: the queue applications drop messages on. The poison queue is "<name>-poison", so at most 56 characters.')
 @minLength(3)
@@ -296,16 +313,20 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   }
 }
 
-// export: Certificate User reads the certificate with its private key (getSecret under the
-//         certificate's name). Note that it can read every secret in this vault, so keep the
+// Each mode gets the one role it needs:
+// certificate, export: Certificate User reads the certificate with its private key (getSecret
+//         under the certificate's name). It can read every secret in this vault, so keep the
 //         vault for this app.
-// remote: Crypto User signs with the key; Reader reads the public certificate.
+// certificate, remote: Crypto User signs with the key; Reader reads the public certificate.
+// secret, google-service-account, password: Secrets User reads the credential's secret.
 // Always:  Reader is enough for the expiry watch, which lists certificates and secrets without
 //          reading their values.
 // Webhook: Secrets User resolves the EXPIRY_WEBHOOK_URL Key Vault reference.
-var appVaultSigningRoles = signingMode == 'export' ? [roles.keyVaultCertificateUser] : [roles.keyVaultCryptoUser]
-var appVaultWebhookRoles = empty(expiryWebhookSecretName) ? [] : [roles.keyVaultSecretsUser]
-var appVaultRoles = concat(appVaultSigningRoles, [roles.keyVaultReader], appVaultWebhookRoles)
+var usesCertificate = authMethod == 'certificate'
+var credentialSecretNames = filter([clientSecretName, googleKeySecretName, mailboxPasswordSecretName], name => !empty(name))
+var appVaultSigningRoles = !usesCertificate ? [] : signingMode == 'export' ? [roles.keyVaultCertificateUser] : [roles.keyVaultCryptoUser]
+var appVaultSecretRoles = empty(expiryWebhookSecretName) && empty(credentialSecretNames) ? [] : [roles.keyVaultSecretsUser]
+var appVaultRoles = concat(appVaultSigningRoles, [roles.keyVaultReader], appVaultSecretRoles)
 
 resource appVaultRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
   for role in appVaultRoles: {
@@ -468,11 +489,8 @@ var hostSettings = {
 var mailerSettings = {
   MAIL_QUEUE: mailQueue
   MAIL_FROM: empty(mailFrom) ? smtpUser : mailFrom
-  AUTH_METHOD: 'certificate'
-  TENANT_ID: tenantId
-  CLIENT_ID: appClientId
+  AUTH_METHOD: authMethod
   KEY_VAULT_URL: vault.properties.vaultUri
-  CERT_NAME: certificateName
   SMTP_USER: smtpUser
   ATTACHMENT_CONTAINER: attachmentContainer
   ALLOWED_RECIPIENT_DOMAINS: allowedRecipientDomains
@@ -484,6 +502,32 @@ var mailerSettings = {
   EXPIRY_ALERT_TO: expiryAlertTo
 }
 
+// Only the settings of the chosen method: the app ignores the others, but people read them.
+var microsoftSettings = {
+  TENANT_ID: tenantId
+  CLIENT_ID: appClientId
+}
+var certificateSettings = {
+  CERT_NAME: certificateName
+  CERT_SIGNING: signingMode == 'remote' ? 'vault' : 'local'
+}
+var clientSecretSetting = {
+  CLIENT_SECRET_NAME: clientSecretName
+}
+var googleKeySetting = {
+  GOOGLE_KEY_NAME: googleKeySecretName
+}
+var mailboxPasswordSetting = {
+  MAILBOX_PASSWORD_NAME: mailboxPasswordSecretName
+}
+var authSettings = union(
+  authMethod == 'google-service-account' ? {} : microsoftSettings,
+  usesCertificate ? certificateSettings : {},
+  empty(clientSecretName) ? {} : clientSecretSetting,
+  empty(googleKeySecretName) ? {} : googleKeySetting,
+  empty(mailboxPasswordSecretName) ? {} : mailboxPasswordSetting
+)
+
 var webhookSetting = {
   EXPIRY_WEBHOOK_URL: '@Microsoft.KeyVault(VaultName=${vault.name};SecretName=${expiryWebhookSecretName})'
 }
@@ -492,13 +536,13 @@ var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 // Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, ASSERTION_ALG, AUTHORITY_HOST, CLIENT_AUTH, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
 // Settings not set here (read only by `queue-mailer worker`; host.json sets the host's equivalents): LEASE_SECONDS, WORKER_BATCH_SIZE
 // Settings not set here (not used in Azure: identity-based storage and a Key Vault certificate instead): AzureWebJobsStorage, CERT_PATH, CERT_PASSWORD
-// Settings not set here (other auth methods; this template deploys AUTH_METHOD=certificate): CERT_SIGNING, CLIENT_SECRET, CLIENT_SECRET_NAME, GOOGLE_KEY_PATH, GOOGLE_KEY_NAME, MAILBOX_PASSWORD, MAILBOX_PASSWORD_NAME
+// Settings not set here (secrets stay in the vault and are read by name; files are for local runs): CLIENT_SECRET, MAILBOX_PASSWORD, GOOGLE_KEY_PATH
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   parent: functionApp
   name: 'appsettings'
-  properties: union(hostSettings, mailerSettings, webhookSettings, extraAppSettings)
+  properties: union(hostSettings, mailerSettings, authSettings, webhookSettings, extraAppSettings)
   // Apply the settings once the identity can use them, so the host's first start finds its roles.
   dependsOn: [
     appStorageRoles

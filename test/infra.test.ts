@@ -182,7 +182,7 @@ describe("infra/main.bicep app settings", () => {
       const uses = bicep.match(new RegExp(`\\b${match[1]}\\b`, "g"))?.length ?? 0;
       assert.ok(uses > 1, `var ${match[1]} is declared but never used`);
     }
-    assert.match(bicep, /resource \w+ 'Microsoft\.Web\/sites\/config@[\d-]+' = \{\s*parent: functionApp\s*name: 'appsettings'\s*properties: union\(hostSettings, mailerSettings, webhookSettings(?:, \w+)*\)/);
+    assert.match(bicep, /resource \w+ 'Microsoft\.Web\/sites\/config@[\d-]+' = \{\s*parent: functionApp\s*name: 'appsettings'\s*properties: union\(hostSettings, mailerSettings, authSettings, webhookSettings(?:, \w+)*\)/);
   });
 
   it("parameter defaults equal the settingSpecs defaults of the settings they feed", () => {
@@ -284,9 +284,18 @@ describe("infra/main.bicep resources", () => {
       assert.equal(roles[name], guid, `roles.${name}`);
       assert.match(bicep, new RegExp(`roles\\.${name}\\b`), `roles.${name} is assigned somewhere`);
     }
-    // export → Certificate User; remote → Crypto User; Reader always (expiry watch).
-    assert.match(bicep, /signingMode == 'export' \? \[roles\.keyVaultCertificateUser\] : \[roles\.keyVaultCryptoUser\]/);
-    assert.match(bicep, /^var appVaultRoles = concat\(.*\[roles\.keyVaultReader\]/m);
+    // certificate: export → Certificate User, remote → Crypto User; the secret-based methods →
+    // Secrets User when they name a vault secret; Reader always (expiry watch).
+    assert.match(bicep, /^var appVaultSigningRoles = !usesCertificate \? \[\] : signingMode == 'export' \? \[roles\.keyVaultCertificateUser\] : \[roles\.keyVaultCryptoUser\]$/m);
+    assert.match(bicep, /^var credentialSecretNames = filter\(\[clientSecretName, googleKeySecretName, mailboxPasswordSecretName\]/m);
+    assert.match(bicep, /^var appVaultSecretRoles = empty\(expiryWebhookSecretName\) && empty\(credentialSecretNames\) \? \[\] : \[roles\.keyVaultSecretsUser\]$/m);
+    assert.match(bicep, /^var appVaultRoles = concat\(appVaultSigningRoles, \[roles\.keyVaultReader\], appVaultSecretRoles\)$/m);
+    // Each secret setting comes from the parameter of the same meaning, and the method from authMethod.
+    assert.equal(appSettings().get("AUTH_METHOD"), "authMethod");
+    assert.equal(appSettings().get("CLIENT_SECRET_NAME"), "clientSecretName");
+    assert.equal(appSettings().get("GOOGLE_KEY_NAME"), "googleKeySecretName");
+    assert.equal(appSettings().get("MAILBOX_PASSWORD_NAME"), "mailboxPasswordSecretName");
+    assert.match(appSettings().get("CERT_SIGNING") ?? "", /signingMode == 'remote' \? 'vault' : 'local'/);
     const [storageRoles] = resourceBlock("Microsoft.Authorization/roleAssignments").filter((b) => b.includes("scope: storage") && b.includes("identity.properties.principalId"));
     for (const role of ["storageBlobDataOwner", "storageQueueDataContributor", "storageTableDataContributor"]) {
       assert.match(storageRoles ?? "", new RegExp(`roles\\.${role}\\b`), `the app identity gets ${role}`);
