@@ -2,11 +2,13 @@
 // (EnvironmentCredential → MSAL → POST /<tenant>/oauth2/v2.0/token), CertificateClient and
 // SecretClient, all reaching the double through HTTPS_PROXY. Run with
 // NODE_EXTRA_CA_CERTS=.test-ca/ca.pem (the double's certificate is issued by that CA).
+// The keys part (sign with a certificate's key, CERT_SIGNING=vault) is driven through
+// @azure/keyvault-keys' CryptographyClient and KeyClient; signatures are checked with node:crypto.
 // The Microsoft Graph part (app registration credentials, for the expiry watch) is driven through
 // @azure/core-rest-pipeline with bearerTokenAuthenticationPolicy and the same credential.
 import { after, before, describe, it } from "node:test";
 import assert from "node:assert/strict";
-import { createHash, createPrivateKey, X509Certificate } from "node:crypto";
+import { constants, createHash, createPrivateKey, verify, X509Certificate } from "node:crypto";
 import { execFile } from "node:child_process";
 import { realpathSync } from "node:fs";
 import { request as httpRequest } from "node:http";
@@ -23,6 +25,7 @@ import {
 } from "@azure/core-rest-pipeline";
 import type { HttpClient, Pipeline } from "@azure/core-rest-pipeline";
 import { CertificateClient } from "@azure/keyvault-certificates";
+import { CryptographyClient, KeyClient } from "@azure/keyvault-keys";
 import { SecretClient } from "@azure/keyvault-secrets";
 import { certificateDer, issueCertificate } from "../cli/local/devCertificates.js";
 import type { CertificateAndKey } from "../cli/local/devCertificates.js";
@@ -344,6 +347,93 @@ describe("Key Vault test double through the real Azure SDK", () => {
     assert.equal(double.counts.secretGets, 1);
     assert.deepEqual(double.refused, []);
   });
+  describe("keys: signing with a certificate's key that never leaves the vault (CryptographyClient)", () => {
+    const pair = issueCertificate({ commonName: "queue-mailer sender (vault-signed)" });
+    const signingInput = Buffer.from("eyJhbGciOiJQUzI1NiJ9.eyJzdWIiOiJ4In0");
+    const digest = createHash("sha256").update(signingInput).digest();
+    const publicKey = new X509Certificate(pair.certificatePem).publicKey;
+    let version: string;
+    let keyId: string;
+
+    before(async () => {
+      version = double.putCertificate("mailer-hsm", { ...pair, exportable: false });
+      keyId = (await certificates.getCertificate("mailer-hsm")).keyId!;
+    });
+
+    it("serves the public key, signs PS256 and RS256 with the certificate's key, and has no secret at all", async () => {
+      assert.equal(keyId, `${double.vaultUrl}/keys/mailer-hsm/${version}`);
+      double.resetCounts();
+      const client = new CryptographyClient(keyId, credential);
+      const ps256 = await client.sign("PS256", digest);
+      const rs256 = await client.sign("RS256", digest);
+      assert.equal(ps256.keyID, keyId);
+      // Verified independently of the double: Node's verify hashes the signing input itself.
+      const pss = { key: publicKey, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 };
+      assert.ok(verify("sha256", signingInput, pss, ps256.result), "PS256: RSA-PSS, SHA-256, 32-byte salt");
+      assert.ok(verify("sha256", signingInput, { key: publicKey, padding: constants.RSA_PKCS1_PADDING }, rs256.result), "RS256: PKCS#1 v1.5");
+      assert.ok(!verify("sha256", signingInput, { key: publicKey, padding: constants.RSA_PKCS1_PADDING }, ps256.result));
+      assert.ok(!verify("sha256", Buffer.from("something else"), pss, ps256.result));
+      assert.notDeepEqual(Buffer.from((await client.sign("PS256", digest)).result), Buffer.from(ps256.result), "PSS is salted: a fresh signature each time");
+
+      // What the client sent: one key read (then it signs remotely), one POST per sign.
+      assert.deepEqual(
+        double.requests.filter((r) => r.status === 200).map((r) => `${r.method} ${r.path}`),
+        [`GET /keys/mailer-hsm/${version}`, ...Array.from({ length: 3 }, () => `POST /keys/mailer-hsm/${version}/sign`)],
+      );
+      assert.deepEqual({ keyGets: double.counts.keyGets, signs: double.counts.signs, secretGets: double.counts.secretGets }, { keyGets: 1, signs: 3, secretGets: 0 });
+      assert.equal(double.counts.challenges, 1, "the crypto client's own challenge probe");
+      assert.deepEqual(double.signRequests.map((s) => `${s.name}/${s.version} ${s.alg}`), [`mailer-hsm/${version} PS256`, `mailer-hsm/${version} RS256`, `mailer-hsm/${version} PS256`]);
+
+      const key = await new KeyClient(double.vaultUrl, credential).getKey("mailer-hsm", { version });
+      assert.equal(key.id, keyId);
+      assert.equal(key.properties.managed, true);
+      assert.equal(key.properties.exportable, false);
+      assert.ok(key.keyOperations?.includes("sign"));
+      assert.equal(Buffer.from(key.key!.n!).toString("base64url"), publicKey.export({ format: "jwk" }).n, "the certificate's public key");
+      assert.equal(key.key!.d, undefined, "never the private part");
+      await assert.rejects(secrets.getSecret("mailer-hsm"), restError(404, "SecretNotFound"));
+    });
+
+    it("failNext(1, 403, ..., 'signs') fails the next sign like a missing keys sign permission; other requests pass it by", async () => {
+      const client = new CryptographyClient(keyId, credential);
+      double.failNext(1, 403, undefined, undefined, "signs");
+      await certificates.getCertificate("mailer-hsm");
+      await assert.rejects(client.sign("PS256", digest), restError(403, "Forbidden", "does not have keys sign permission"));
+      const signed = await client.sign("PS256", digest);
+      assert.ok(verify("sha256", signingInput, { key: publicKey, padding: constants.RSA_PKCS1_PSS_PADDING, saltLength: 32 }, signed.result));
+    });
+
+    it("a disabled certificate's key can be read but not used: 403 KeyDisabled", async () => {
+      double.setCertificateEnabled("mailer-hsm", false);
+      try {
+        const client = new CryptographyClient(keyId, credential);
+        await assert.rejects(client.sign("PS256", digest), (error: unknown) => {
+          restError(403, "Forbidden", "not allowed on a disabled key")(error);
+          assert.equal((error as { details?: { error?: { innerError?: { code?: string } } } }).details?.error?.innerError?.code, "KeyDisabled");
+          return true;
+        });
+        assert.equal((await certificates.getCertificate("mailer-hsm")).properties.enabled, false);
+      } finally {
+        double.setCertificateEnabled("mailer-hsm", true);
+      }
+    });
+
+    it("answers 404 KeyNotFound for an unknown key and 400 for a digest that is not SHA-256 sized", async () => {
+      await assert.rejects(new CryptographyClient(`${double.vaultUrl}/keys/nope/${"0".repeat(32)}`, credential).sign("PS256", digest), restError(404, "KeyNotFound", "nope"));
+      await assert.rejects(new CryptographyClient(keyId, credential).sign("PS256", digest.subarray(0, 20)), restError(400, "BadParameter", "digest length"));
+    });
+
+    it("a pending certificate has a key id but no cer, x5t or secret id yet", async () => {
+      double.putCertificate("mailer-pending", { ...issueCertificate({ commonName: "awaiting its CA" }), pending: true });
+      const pending = await certificates.getCertificate("mailer-pending");
+      assert.equal(pending.cer, undefined);
+      assert.equal(pending.secretId, undefined);
+      assert.equal(pending.properties.x509Thumbprint, undefined);
+      assert.match(pending.keyId ?? "", /\/keys\/mailer-pending\/[0-9a-f]{32}$/);
+      await assert.rejects(secrets.getSecret("mailer-pending"), restError(404, "SecretNotFound"));
+    });
+  });
+
   describe("Microsoft Graph: an app registration's credentials (expiry watch)", () => {
     const appId = "6f1d3c2e-0b7a-4a55-9d1e-3f2b8c7a9e10";
     const certificateEnd = wholeSeconds(Date.now() + 12 * 86_400_000);

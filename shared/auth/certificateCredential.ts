@@ -2,13 +2,13 @@
 // authentication, Microsoft's "certificate credentials").
 import type { AuthConfig } from "../config.js";
 import type { Logger } from "../log.js";
-import { certificateSourceFor, type CertificateSource } from "./certificateSource.js";
-import { createClientAssertion } from "./clientAssertion.js";
+import { certificateSourceFor } from "./certificateSource.js";
+import { createClientAssertion, type AssertionSignerSource } from "./clientAssertion.js";
 import type { CredentialSource } from "./credentialSource.js";
 
 export type CertificateAuth = Extract<AuthConfig, { method: "certificate" }>;
 
-export function certificateCredential(auth: CertificateAuth, logger: Logger, certificates: CertificateSource = certificateSourceFor(auth.certificate, logger)): CredentialSource {
+export function certificateCredential(auth: CertificateAuth, logger: Logger, certificates: AssertionSignerSource = certificateSourceFor(auth.certificate, logger)): CredentialSource {
   return {
     method: "certificate",
     async tokenRequest() {

@@ -68,7 +68,11 @@ export function keyVaultError(error: unknown, what: string, vaultUrl: string, na
     return new MailerError("KEYVAULT_NOT_FOUND", `Key Vault ${vaultUrl} has no ${what} "${name}"${what === "private key" ? " (is the certificate exportable?)" : ""}`, {
       kind: "config",
       response: detail,
-      hint: use === "secret" ? "Check the secret's name setting and that the secret is enabled." : "Check CERT_NAME; the certificate's key policy must be exportable to sign locally (or use CERT_SIGNING=vault).",
+      hint: use === "secret"
+        ? "Check the secret's name setting and that the secret is enabled."
+        : use === "sign"
+          ? "Check CERT_NAME: the current version of the certificate must have its key in the vault (a certificate still pending issuance has none yet)."
+          : "Check CERT_NAME; the certificate's key policy must be exportable to sign locally (or use CERT_SIGNING=vault).",
       cause: error,
     });
   }
@@ -85,42 +89,90 @@ export function keyVaultError(error: unknown, what: string, vaultUrl: string, na
 /** How often a cached Key Vault certificate is checked for a newer version (at the next token request). */
 export const RENEWAL_CHECK_SECONDS = 30 * 60;
 
+export interface KeyVaultCertificateOptions {
+  credential?: TokenCredential;
+  renewalCheckSeconds?: number;
+  now?: () => number;
+}
+
 /**
- * The certificate through the certificates API (public part, current version) and its private key
- * through the secrets API under the same name and version: that is where Key Vault keeps an
- * exportable certificate's key, as PKCS#12 (default) or PEM depending on the certificate policy.
- * Read once; afterwards, at most every `renewalCheckSeconds`, one metadata read tells whether a
- * renewed version appeared, and only then is the new key read.
+ * Follows the current version of a Key Vault certificate and keeps what `build` makes of it (a
+ * signing certificate with its exported key, or a signer that signs inside the vault). The
+ * certificate is read once; afterwards, at most every `renewalCheckSeconds`, one metadata read
+ * tells whether a renewed version appeared, and only then is `build` called again.
+ * `invalidate()` (the token endpoint rejected us) makes the next `load()` read the current version.
  */
-export function keyVaultCertificateSource(
+export function followKeyVaultCertificate<T>(
   vaultUrl: string,
   name: string,
   logger: Logger,
-  options: { credential?: TokenCredential; renewalCheckSeconds?: number; now?: () => number } = {},
-): CertificateSource {
+  build: (certificate: import("@azure/keyvault-certificates").KeyVaultCertificateWithPolicy, credential: TokenCredential) => Promise<T>,
+  options: KeyVaultCertificateOptions = {},
+): { load(): Promise<T>; invalidate(): void } {
   const now = options.now ?? Date.now;
   const checkEveryMs = (options.renewalCheckSeconds ?? RENEWAL_CHECK_SECONDS) * 1000;
-  const getClients = lazy(async () => {
-    const [{ CertificateClient }, { SecretClient }] = await Promise.all([import("@azure/keyvault-certificates"), import("@azure/keyvault-secrets")]);
+  const getClient = lazy(async () => {
+    const { CertificateClient } = await import("@azure/keyvault-certificates");
     const tokenCredential = options.credential ?? (await azureCredential());
-    return { certificates: new CertificateClient(vaultUrl, tokenCredential), secrets: new SecretClient(vaultUrl, tokenCredential) };
+    return { certificates: new CertificateClient(vaultUrl, tokenCredential), tokenCredential };
   });
 
-  async function currentVersion(): Promise<string | undefined> {
-    const { certificates } = await getClients();
+  async function current(): Promise<import("@azure/keyvault-certificates").KeyVaultCertificateWithPolicy> {
+    const { certificates } = await getClient();
     try {
       const certificate = await certificates.getCertificate(name);
       if (certificate.properties.enabled === false) {
         throw new MailerError("KEYVAULT_CERT_DISABLED", `Key Vault certificate "${name}" is disabled`, { kind: "config", hint: "Enable it or set CERT_NAME to the current certificate." });
       }
-      return certificate.properties.version;
+      return certificate;
     } catch (error) {
       throw error instanceof MailerError ? error : keyVaultError(error, "certificate", vaultUrl, name);
     }
   }
 
+  let cached: { value: T; version: string | undefined; checkedAt: number } | undefined;
+  let pending: Promise<T> | undefined;
+
+  async function refresh(): Promise<T> {
+    if (cached && now() - cached.checkedAt < checkEveryMs) return cached.value;
+    const certificate = await current();
+    const version = certificate.properties.version;
+    if (cached && version === cached.version) {
+      cached.checkedAt = now();
+      return cached.value;
+    }
+    if (cached) logger.log("info", "certificate.renewed", { name, previousVersion: cached.version, version });
+    const value = await build(certificate, (await getClient()).tokenCredential);
+    cached = { value, version, checkedAt: now() };
+    return value;
+  }
+
+  return {
+    load() {
+      pending ??= refresh().finally(() => {
+        pending = undefined;
+      });
+      return pending;
+    },
+    invalidate() {
+      cached = undefined;
+    },
+  };
+}
+
+/**
+ * The certificate through the certificates API (public part, current version) and its private key
+ * through the secrets API under the same name and version: that is where Key Vault keeps an
+ * exportable certificate's key, as PKCS#12 (default) or PEM depending on the certificate policy.
+ */
+export function keyVaultCertificateSource(vaultUrl: string, name: string, logger: Logger, options: KeyVaultCertificateOptions = {}): CertificateSource {
+  const getSecrets = lazy(async () => {
+    const { SecretClient } = await import("@azure/keyvault-secrets");
+    return new SecretClient(vaultUrl, options.credential ?? (await azureCredential()));
+  });
+
   async function readVersion(version: string | undefined): Promise<SigningCertificate> {
-    const { secrets } = await getClients();
+    const secrets = await getSecrets();
     let secret: import("@azure/keyvault-secrets").KeyVaultSecret;
     try {
       secret = await secrets.getSecret(name, version === undefined ? {} : { version });
@@ -137,33 +189,7 @@ export function keyVaultCertificateSource(
     return parsed;
   }
 
-  let cached: { signing: SigningCertificate; version: string | undefined; checkedAt: number } | undefined;
-  let pending: Promise<SigningCertificate> | undefined;
-
-  async function refresh(): Promise<SigningCertificate> {
-    if (cached && now() - cached.checkedAt < checkEveryMs) return cached.signing;
-    const version = await currentVersion();
-    if (cached && version === cached.version) {
-      cached.checkedAt = now();
-      return cached.signing;
-    }
-    if (cached) logger.log("info", "certificate.renewed", { name, previousVersion: cached.version, version });
-    const signing = await readVersion(version);
-    cached = { signing, version, checkedAt: now() };
-    return signing;
-  }
-
-  return {
-    load() {
-      pending ??= refresh().finally(() => {
-        pending = undefined;
-      });
-      return pending;
-    },
-    invalidate() {
-      cached = undefined;
-    },
-  };
+  return followKeyVaultCertificate(vaultUrl, name, logger, (certificate) => readVersion(certificate.properties.version), options);
 }
 
 export function certificateSourceFor(location: CertificateLocation, logger: Logger): CertificateSource {

@@ -8,6 +8,7 @@ import { certificateCredential } from "./certificateCredential.js";
 import { googleServiceAccountCredential } from "./googleServiceAccountCredential.js";
 import { passwordCredential } from "./passwordCredential.js";
 import { secretCredential } from "./secretCredential.js";
+import { vaultSigningCredential } from "./vaultSigningCredential.js";
 
 export interface TokenRequest {
   /** The token endpoint. */
@@ -29,7 +30,7 @@ export interface CredentialSource {
 export function credentialSourceFor(auth: AuthConfig, logger: Logger): CredentialSource {
   switch (auth.method) {
     case "certificate":
-      return certificateCredential(auth, logger);
+      return auth.signing === "vault" ? vaultSigningCredential(auth, logger) : certificateCredential(auth, logger);
     case "secret":
       return secretCredential(auth, logger);
     case "google-service-account":

@@ -47,10 +47,11 @@
 //   resource="https://vault.azure.net"`. Each SDK client sends one such unauthenticated probe
 //   first (its own challenge state), so two clients sharing a credential make 2 challenges but
 //   1 token request. Challenges are counted separately and not in the per-kind counts.
-// - failNext(count, status, body?, headers?) applies to the next `count` AUTHENTICATED vault
+// - failNext(count, status, body?, headers?, only?) applies to the next `count` AUTHENTICATED vault
 //   requests (a real vault answers 401 before it checks permissions or throttles), so the SDK's
-//   challenge probe never eats an injected failure. Defaults: 403 → access-policy style
-//   "does not have secrets get permission" (innererror AccessDenied); 429 → Throttled with
+//   challenge probe never eats an injected failure. With `only` (a `counts` kind such as "signs")
+//   a failure waits for a request of that kind and other requests pass it by. Defaults: 403 → access-policy style
+//   "does not have secrets get permission" (innererror AccessDenied; "keys sign" for a sign); 429 → Throttled with
 //   Retry-After: 1. A string/Buffer body is sent as is, `null` sends no body, other values as JSON.
 // - A non-exportable certificate has no readable secret here: 404 SecretNotFound. (Microsoft's
 //   "Export certificates" page says the secret of a non-exportable certificate is returned without
@@ -61,6 +62,22 @@
 //   secrets are returned (Key Vault does not enforce nbf/exp on secret get).
 // - Names are case-insensitive; the newest put version is the current one; list responses have
 //   version-less ids and `nextLink: null`.
+//
+// Keys API (what @azure/keyvault-keys 4.10 CryptographyClient sends for `sign` with a key id, read
+// from its source: first `GET /keys/{name}/{version}` once per client to learn the key (a 403 there
+// makes it fall back to remote-only, silently), then `POST /keys/{name}/{version}/sign` with body
+// `{ alg, value: base64url(digest) }` for every sign; api-version 2025-07-01):
+// - Every certificate version has a managed key of the same name and version (`kid` in the
+//   certificate bundle). GET answers `{ key: { kid, kty: "RSA", key_ops, n, e }, attributes
+//   (enabled, nbf, exp, exportable, ...), managed: true }`; never the private part.
+// - sign: PS256 (RSA-PSS, SHA-256, MGF1-SHA-256, 32-byte salt) and RS256 (PKCS#1 v1.5) over the
+//   32-byte digest, with the certificate's private key held here, answering `{ kid, value }`; the
+//   key is usable whether or not the certificate is exportable (a non-exportable one has no secret
+//   value at all here). Another alg or digest length → 400 BadParameter; a disabled certificate's
+//   key → 403 Forbidden "Operation sign is not allowed on a disabled key." (innererror KeyDisabled;
+//   GET still works, as in Key Vault). `counts.keyGets` / `counts.signs`, and `signRequests` lists
+//   each sign that succeeded (name, version, alg).
+// - A `pending` certificate (issuance not finished) has no cer, x5t or sid in its bundle yet.
 //
 // Tokens: the token endpoint remembers which resource each token was issued for (the scope minus
 // `/.default`; `00000003-0000-0000-c000-000000000000/.default` is Graph's app id and means Graph).
@@ -90,7 +107,8 @@
 // - `counts.graphRequests` counts EVERY request that reaches the Graph host (401/403/404 included:
 //   Graph clients send the token on their first request, there is no unauthenticated probe to
 //   separate out). failNext() applies to vault requests only.
-import { createHash, createPrivateKey, randomBytes, randomUUID, X509Certificate } from "node:crypto";
+import { constants, createHash, createPrivateKey, createPublicKey, privateEncrypt, randomBytes, randomUUID, X509Certificate } from "node:crypto";
+import type { KeyObject } from "node:crypto";
 import { createServer as createHttpServer } from "node:http";
 import type { IncomingMessage, OutgoingHttpHeaders, Server as HttpServer, ServerResponse } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
@@ -112,8 +130,10 @@ export interface PutCertificateOptions {
   /** Content type of the certificate's secret. Default `application/x-pkcs12` (Key Vault's default). */
   contentType?: "application/x-pkcs12" | "application/x-pem-file";
   enabled?: boolean;
-  /** Default true. A non-exportable certificate has no readable secret (404 SecretNotFound). */
+  /** Default true. A non-exportable certificate has no secret value at all (404 SecretNotFound); its key still signs. */
   exportable?: boolean;
+  /** Issuance not finished (a CSR waiting for its CA): the bundle has no cer, x5t or sid. Default false. */
+  pending?: boolean;
   /** Default: the certificate's notAfter. */
   expiresOn?: Date;
   /** Default: the certificate's notBefore. */
@@ -169,7 +189,9 @@ export interface KeyVaultDouble {
   /** Returns the new version id; the newest version is the current one. */
   putSecret(name: string, value: string, options?: { contentType?: string; enabled?: boolean; expiresOn?: Date }): string;
   /** The next `count` authenticated vault requests answer `status` (with a Key Vault-like default body). */
-  failNext(count: number, status: number, body?: unknown, headers?: Record<string, string>): void;
+  failNext(count: number, status: number, body?: unknown, headers?: Record<string, string>, only?: Kind): void;
+  /** Enables or disables the current version of a certificate (and with it its key and secret). */
+  setCertificateEnabled(name: string, enabled: boolean): void;
   /**
    * Registers (or replaces, keeping its object id) the Graph application with this appId. keyIds
    * default to random UUIDs. Read with GET graph.microsoft.com/v1.0/applications(appId='...').
@@ -184,14 +206,18 @@ export interface KeyVaultDouble {
     certificateGets: number;
     secretGets: number;
     lists: number;
+    keyGets: number;
+    signs: number;
     other: number;
     graphRequests: number;
   };
+  /** Every sign the vault performed (status 200), in order. */
+  signRequests: Array<{ name: string; version: string; alg: string }>;
   /** Every HTTP request the HTTPS server answered, in order of completion. `path` has no query. */
   requests: Array<{ method: string; host: string; path: string; status: number }>;
   /** CONNECT targets (host:port) and plain proxy requests the proxy refused with 403. */
   refused: string[];
-  /** Zeroes `counts` and empties `requests` and `refused`. Issued tokens stay valid. */
+  /** Zeroes `counts` and empties `requests`, `signRequests` and `refused`. Issued tokens stay valid. */
   resetCounts(): void;
   /** Closes proxy and server and destroys every open socket and tunnel. */
   close(): Promise<void>;
@@ -217,9 +243,13 @@ interface CertificateVersion {
   x5t: string;
   x509: X509Certificate;
   contentType: "application/x-pkcs12" | "application/x-pem-file";
-  secretValue: string;
+  /** Undefined for a non-exportable certificate: there is nothing to export. */
+  secretValue: string | undefined;
+  /** Held inside the "vault": it signs, it is never served. */
+  privateKey: KeyObject;
   enabled: boolean;
   exportable: boolean;
+  pending: boolean;
   notBefore: Date;
   expiresOn: Date;
   created: number;
@@ -244,6 +274,7 @@ interface Failure {
   status: number;
   body: unknown;
   headers: Record<string, string>;
+  only: Kind | undefined;
 }
 
 interface KeyCredential {
@@ -275,7 +306,42 @@ interface IssuedToken {
   expiresAt: number;
 }
 
-type Kind = "certificateGets" | "secretGets" | "lists" | "other";
+/** What a vault request was, for `counts` and for `failNext(..., only)`. */
+export type Kind = "certificateGets" | "secretGets" | "lists" | "keyGets" | "signs" | "other";
+
+/** DER prefix of a SHA-256 DigestInfo (RFC 8017 9.2 note 1): what PKCS#1 v1.5 signs around the digest. */
+const SHA256_DIGEST_INFO = Buffer.from("3031300d060960864801650304020105000420", "hex");
+
+function mgf1Sha256(seed: Buffer, length: number): Buffer {
+  const blocks: Buffer[] = [];
+  for (let counter = 0; blocks.length * 32 < length; counter++) {
+    const c = Buffer.alloc(4);
+    c.writeUInt32BE(counter);
+    blocks.push(createHash("sha256").update(seed).update(c).digest());
+  }
+  return Buffer.concat(blocks).subarray(0, length);
+}
+
+/**
+ * Signs a precomputed SHA-256 digest as Key Vault does. Node's sign() always hashes its input, so
+ * the padding is done here (RFC 8017 9.1.1 EMSA-PSS, 9.2 EMSA-PKCS1-v1_5) and the RSA operation
+ * is a raw private-key operation.
+ */
+function signDigest(key: KeyObject, alg: "PS256" | "RS256", digest: Buffer): Buffer {
+  if (alg === "RS256") return privateEncrypt({ key, padding: constants.RSA_PKCS1_PADDING }, Buffer.concat([SHA256_DIGEST_INFO, digest]));
+  const modBits = key.asymmetricKeyDetails?.modulusLength ?? 2048;
+  const k = Math.ceil(modBits / 8);
+  const emBits = modBits - 1;
+  const emLen = Math.ceil(emBits / 8);
+  const salt = randomBytes(32);
+  const h = createHash("sha256").update(Buffer.alloc(8)).update(digest).update(salt).digest();
+  const db = Buffer.concat([Buffer.alloc(emLen - salt.length - h.length - 2), Buffer.from([0x01]), salt]);
+  const mask = mgf1Sha256(h, db.length);
+  for (let i = 0; i < db.length; i++) db[i]! ^= mask[i]!;
+  db[0]! &= 0xff >> (8 * emLen - emBits);
+  const em = Buffer.concat([Buffer.alloc(k - emLen), db, h, Buffer.from([0xbc])]);
+  return privateEncrypt({ key, padding: constants.RSA_NO_PADDING }, em);
+}
 
 class HttpError extends Error {
   constructor(
@@ -374,7 +440,8 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
   const applications = new Map<string, Application>();
   let graphDenied = false;
   const failures: Failure[] = [];
-  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, lists: 0, other: 0, graphRequests: 0 };
+  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, lists: 0, keyGets: 0, signs: 0, other: 0, graphRequests: 0 };
+  const signRequests: KeyVaultDouble["signRequests"] = [];
   const requests: KeyVaultDouble["requests"] = [];
   const refused: string[] = [];
   const sockets = new Set<Socket | Duplex>();
@@ -436,12 +503,20 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     return {
       id: `${vaultUrl}/certificates/${c.name}/${c.version}`,
       kid: `${vaultUrl}/keys/${c.name}/${c.version}`,
-      sid: `${vaultUrl}/secrets/${c.name}/${c.version}`,
-      x5t: c.x5t,
-      cer: c.der.toString("base64"),
+      ...(c.pending ? {} : { sid: `${vaultUrl}/secrets/${c.name}/${c.version}`, x5t: c.x5t, cer: c.der.toString("base64") }),
       attributes: certificateAttributes(c),
       policy: certificatePolicy(c),
       tags: {},
+    };
+  }
+
+  /** The managed key of a certificate version: public part only, as Key Vault returns it. */
+  function keyBundle(c: CertificateVersion): Record<string, unknown> {
+    const jwk = createPublicKey(c.privateKey).export({ format: "jwk" });
+    return {
+      key: { kid: `${vaultUrl}/keys/${c.name}/${c.version}`, kty: "RSA", key_ops: ["sign", "verify", "wrapKey", "unwrapKey", "encrypt", "decrypt"], n: jwk.n, e: jwk.e },
+      attributes: { ...certificateAttributes(c), exportable: c.exportable },
+      managed: true,
     };
   }
 
@@ -532,7 +607,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     const certificate = certificates.get(name.toLowerCase());
     if (certificate) {
       const found = findVersion(certificate, version);
-      if (!found || !found.exportable) throw secretNotFound(name, version);
+      if (!found || found.secretValue === undefined || found.pending) throw secretNotFound(name, version);
       if (!found.enabled) throw vaultError(403, "Forbidden", "Operation get is not allowed on a disabled secret.", "SecretDisabled");
       return secretBundleOfCertificate(found);
     }
@@ -696,7 +771,12 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
   // ---------------------------------------------------------------- Key Vault
 
   function classify(method: string, segments: string[]): { kind: Kind; permission: string } {
-    const [collection, , third] = segments;
+    const [collection, , third, fourth] = segments;
+    if (collection === "keys") {
+      if (method === "GET" && (segments.length === 2 || segments.length === 3)) return { kind: "keyGets", permission: "keys get" };
+      if (method === "POST" && segments.length === 4 && fourth === "sign") return { kind: "signs", permission: "keys sign" };
+      return { kind: "other", permission: `keys ${fourth ?? method.toLowerCase()}` };
+    }
     if (method !== "GET" || (collection !== "certificates" && collection !== "secrets")) {
       return { kind: "other", permission: `${collection ?? "vault"} ${method.toLowerCase()}` };
     }
@@ -716,7 +796,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     return match ? tokens.get(match[1]!) : undefined;
   }
 
-  function handleVault(method: string, segments: string[], url: URL, req: IncomingMessage): { status: number; body: unknown; headers?: Record<string, string> } {
+  function handleVault(method: string, segments: string[], url: URL, req: IncomingMessage, requestBody: Buffer): { status: number; body: unknown; headers?: Record<string, string> } {
     const token = bearerToken(req);
     if (token === undefined || token.expiresAt <= Date.now() || token.audience !== VAULT_RESOURCE) {
       counts.challenges++;
@@ -737,7 +817,8 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     }
     const { kind, permission } = classify(method, segments);
     counts[kind]++;
-    const failure = failures.shift();
+    const failureIndex = failures.findIndex((f) => f.only === undefined || f.only === kind);
+    const failure = failureIndex < 0 ? undefined : failures.splice(failureIndex, 1)[0];
     if (failure) {
       const body = failure.body === undefined ? defaultFailureBody(failure.status, permission) : failure.body;
       const headers = { ...(failure.status === 429 ? { "retry-after": "1" } : {}), ...failure.headers };
@@ -747,6 +828,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       throw vaultError(400, "BadParameter", "The request URI contains an invalid or missing api-version parameter.");
     }
     const [collection, name, third] = segments;
+    if (collection === "keys") return handleKeys(method, segments, requestBody);
     if (collection !== "certificates" && collection !== "secrets") {
       throw vaultError(404, "NotFound", `The test double does not implement ${method} /${segments.join("/")}.`);
     }
@@ -783,6 +865,42 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       return { status: 200, body: listOf(item.versions.map((s) => secretItem(s, true))) };
     }
     return { status: 200, body: getSecret(name, third) };
+  }
+
+  function keyNotFound(name: string, version?: string): HttpError {
+    return vaultError(
+      404,
+      "KeyNotFound",
+      `A key with (name/id) ${name}${version ? `/${version}` : ""} was not found in this key vault. ${NOT_FOUND_HELP.replace("{kind}", "key")}`,
+    );
+  }
+
+  /** A certificate's managed key: `keys/{name}[/{version}]` and `keys/{name}/{version}/sign`. */
+  function handleKeys(method: string, segments: string[], requestBody: Buffer): { status: number; body: unknown } {
+    const [, name, version, operation] = segments;
+    if (name === undefined || !/^[0-9a-zA-Z-]{1,127}$/.test(name)) throw vaultError(400, "BadParameter", `The key name '${name ?? ""}' is not valid.`);
+    const isGet = method === "GET" && operation === undefined;
+    const isSign = method === "POST" && operation === "sign" && segments.length === 4;
+    if (!isGet && !isSign) throw vaultError(405, "MethodNotAllowed", `The test double does not implement ${method} /${segments.join("/")}.`);
+    const found = findVersion(certificates.get(name.toLowerCase()), version || undefined);
+    if (!found) throw keyNotFound(name, version || undefined);
+    if (isGet) return { status: 200, body: keyBundle(found) };
+
+    if (!found.enabled) throw vaultError(403, "Forbidden", "Operation sign is not allowed on a disabled key.", "KeyDisabled");
+    let parameters: { alg?: unknown; value?: unknown };
+    try {
+      parameters = JSON.parse(requestBody.toString("utf8")) as { alg?: unknown; value?: unknown };
+    } catch {
+      throw vaultError(400, "BadParameter", "The request body is not valid JSON.");
+    }
+    const { alg, value } = parameters;
+    if (alg !== "PS256" && alg !== "RS256") {
+      throw vaultError(400, "BadParameter", `The test double signs with PS256 or RS256 only, got '${String(alg)}'.`);
+    }
+    const digest = typeof value === "string" ? Buffer.from(value, "base64url") : Buffer.alloc(0);
+    if (digest.length !== 32) throw vaultError(400, "BadParameter", `Invalid digest length ${digest.length} for ${alg}: a SHA-256 digest is 32 bytes.`);
+    signRequests.push({ name: found.name, version: found.version, alg });
+    return { status: 200, body: { kid: `${vaultUrl}/keys/${found.name}/${found.version}`, value: signDigest(found.privateKey, alg, digest).toString("base64url") } };
   }
 
   // ---------------------------------------------------------------- Microsoft Graph
@@ -916,7 +1034,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
             if (host === LOGIN_HOST) {
               result = handleLogin(method, segments, body, req);
             } else if (host === vaultHost) {
-              result = handleVault(method, segments, url, req);
+              result = handleVault(method, segments, url, req, body);
             } else if (host === GRAPH_HOST) {
               result = handleGraph(method, segments, url, req);
             } else {
@@ -1010,6 +1128,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     proxyUrl,
     env,
     counts,
+    signRequests,
     requests,
     refused,
 
@@ -1035,8 +1154,11 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       }
       const contentType = put.contentType ?? "application/x-pkcs12";
       const pair = { certificatePem: put.certificatePem, privateKeyPem: put.privateKeyPem };
-      const secretValue =
-        contentType === "application/x-pkcs12"
+      const exportable = put.exportable ?? true;
+      // A non-exportable key never leaves the vault: there is no exportable form of it at all.
+      const secretValue = !exportable
+        ? undefined
+        : contentType === "application/x-pkcs12"
           ? toPkcs12(pair, "").toString("base64")
           : `${put.privateKeyPem.trimEnd()}\n${put.certificatePem.trimEnd()}\n`;
       const item = certificates.get(name.toLowerCase()) ?? { name, versions: [] };
@@ -1048,8 +1170,10 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
         x509,
         contentType,
         secretValue,
+        privateKey: createPrivateKey(put.privateKeyPem),
         enabled: put.enabled ?? true,
-        exportable: put.exportable ?? true,
+        exportable,
+        pending: put.pending ?? false,
         notBefore: put.notBefore ?? new Date(x509.validFrom),
         expiresOn: put.expiresOn ?? new Date(x509.validTo),
         created: createdNow(),
@@ -1079,10 +1203,17 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       return version.version;
     },
 
-    failNext(count, status, body, headers = {}) {
+    failNext(count, status, body, headers = {}, only) {
       if (!Number.isInteger(count) || count < 0) throw new Error(`failNext: count must be a non-negative integer, got ${count}`);
       if (!Number.isInteger(status) || status < 100 || status > 599) throw new Error(`failNext: invalid HTTP status ${status}`);
-      for (let i = 0; i < count; i++) failures.push({ status, body, headers });
+      if (only !== undefined && !(only in counts)) throw new Error(`failNext: unknown request kind "${only}"`);
+      for (let i = 0; i < count; i++) failures.push({ status, body, headers, only });
+    },
+
+    setCertificateEnabled(name, enabled) {
+      const item = certificates.get(name.toLowerCase());
+      if (!item) throw new Error(`setCertificateEnabled: no certificate "${name}"`);
+      newest(item).enabled = enabled;
     },
 
     putApplication(app) {
@@ -1131,6 +1262,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     resetCounts() {
       for (const key of Object.keys(counts) as Array<keyof typeof counts>) counts[key] = 0;
       requests.length = 0;
+      signRequests.length = 0;
       refused.length = 0;
     },
 
