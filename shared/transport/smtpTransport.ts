@@ -126,7 +126,11 @@ export function createSmtpTransport(
             classified = classifySmtpError(retryError);
           }
         }
-        logger.log(classified.kind === "transient" ? "warn" : "error", "smtp.failed", { id: message.id, error: classified.toJSON() });
+        // A token or credential failure surfaces here too (nodemailer asks for the token), but it
+        // is not the SMTP server's answer: the pipeline logs it (circuit.open, message.retry).
+        if (classified.code.startsWith("SMTP_")) {
+          logger.log(classified.kind === "transient" ? "warn" : "error", "smtp.failed", { id: message.id, error: classified.toJSON() });
+        }
         throw classified;
       }
     },
