@@ -412,10 +412,19 @@ export function loadSendConfig(env: Env): SendConfig {
 }
 
 export interface ExpiryConfig {
-  keyVault?: { vaultUrl: string; certName?: string };
+  /** `secretNames`: Key Vault secrets the sender uses (CLIENT_SECRET_NAME), always watched like CERT_NAME. */
+  keyVault?: { vaultUrl: string; certName?: string; secretNames?: string[] };
+  /**
+   * The sender's client secret is an app setting (CLIENT_SECRET, maybe a Key Vault reference resolved
+   * by the host), whose end date only the app registration knows, and EXPIRY_CHECK_APP_REGISTRATION is
+   * off: the watch says it cannot see it.
+   */
+  unwatchedClientSecret?: { setting: string };
   certificateFile?: { path: string; password?: string };
   /** Read the app registration's credentials through Microsoft Graph. */
   appRegistration?: { clientId: string };
+  /** The Google service account key (GOOGLE_KEY_PATH or GOOGLE_KEY_NAME): its age against the 90-day rotation. */
+  googleKey?: { kind: "file"; path: string } | { kind: "keyVault"; vaultUrl: string; name: string };
   /** Names or `prefix*` patterns; empty means everything in the vault. */
   watchNames: string[];
   /** Descending. */
@@ -439,7 +448,24 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
   const checkApp = reader.oneOf<"true" | "false">("EXPIRY_CHECK_APP_REGISTRATION") === "true";
   const clientId = checkApp ? reader.required("CLIENT_ID", "EXPIRY_CHECK_APP_REGISTRATION=true reads the app registration with this Application (client) ID.") : "";
   if (vaultUrl) reader.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
-  if (!vaultUrl && !certPath && !checkApp) {
+  // The client secret the sender uses (secret, or password with a confidential client) is watched
+  // like its certificate: by name in Key Vault, or, as an app setting, only through the app registration.
+  const authMethod = reader.raw("AUTH_METHOD");
+  const usesClientSecret = authMethod === "secret" || authMethod === "password";
+  const clientSecretName = usesClientSecret ? reader.raw("CLIENT_SECRET_NAME") : undefined;
+  const clientSecretInSetting = usesClientSecret && !clientSecretName && reader.raw("CLIENT_SECRET") !== undefined;
+  if (clientSecretName && !vaultUrl) {
+    reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but CLIENT_SECRET_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
+  }
+  // The Google service account key has no expiry date of its own: its age is watched against
+  // Google's 90-day rotation advice (shared/expiry/sources/googleServiceAccountKeySource.ts).
+  const googleKeyPath = authMethod === "google-service-account" ? reader.raw("GOOGLE_KEY_PATH") : undefined;
+  const googleKeyName = authMethod === "google-service-account" && !googleKeyPath ? reader.raw("GOOGLE_KEY_NAME") : undefined;
+  if (googleKeyName && !vaultUrl) {
+    reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but GOOGLE_KEY_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
+  }
+  const googleKey: ExpiryConfig["googleKey"] = googleKeyPath ? { kind: "file", path: googleKeyPath } : googleKeyName && vaultUrl ? { kind: "keyVault", vaultUrl, name: googleKeyName } : undefined;
+  if (!vaultUrl && !certPath && !checkApp && !clientSecretInSetting && !googleKey) {
     reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set, and neither is CERT_PATH nor EXPIRY_CHECK_APP_REGISTRATION=true: there is nothing to watch. Set KEY_VAULT_URL (and CERT_NAME), or CERT_PATH." });
   }
   const warnText = reader.raw("EXPIRY_WARN_DAYS") ?? "";
@@ -455,9 +481,11 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
     reader.problems.push({ setting: "EXPIRY_CHECK_SCHEDULE", problem: `must be a six-field NCRONTAB expression (second minute hour day month weekday), e.g. "0 0 7 * * *"; got "${schedule}"` });
   }
   const config: ExpiryConfig = {
-    ...(vaultUrl ? { keyVault: { vaultUrl, ...(certName ? { certName } : {}) } } : {}),
+    ...(vaultUrl ? { keyVault: { vaultUrl, ...(certName ? { certName } : {}), ...(clientSecretName ? { secretNames: [clientSecretName] } : {}) } } : {}),
     ...(certPath ? { certificateFile: { path: certPath, ...(certPassword ? { password: certPassword } : {}) } } : {}),
     ...(checkApp ? { appRegistration: { clientId } } : {}),
+    ...(googleKey ? { googleKey } : {}),
+    ...(clientSecretInSetting && !checkApp ? { unwatchedClientSecret: { setting: "CLIENT_SECRET" } } : {}),
     watchNames: (reader.raw("EXPIRY_WATCH_NAMES") ?? "").split(",").map((n) => n.trim()).filter(Boolean),
     warnDays: [...new Set(warnDays)].sort((a, b) => b - a),
     criticalDays: reader.integer("EXPIRY_CRITICAL_DAYS"),

@@ -1,18 +1,25 @@
 // Everything the sender talks to, on loopback, with real protocols: Azurite for the queue, an
-// OAuth server (oidc-provider) that verifies our certificate assertions, and an SMTP server that
+// OAuth server (oidc-provider) that verifies our client credentials (certificate assertions, client
+// secrets, the password grant), and an SMTP server that
 // requires STARTTLS and XOAUTH2 and checks the token it gets. Used by `npm run local`, the tests
 // and the benchmark. `env` holds the settings that point the sender at it.
+import { randomBytes } from "node:crypto";
 import { mkdirSync, writeFileSync } from "node:fs";
 import type { AuthMethod } from "../../shared/config.js";
 import { join, resolve } from "node:path";
 import { startAzurite, type Azurite } from "./azurite.js";
 import { ensureCertificateAuthority, issueCertificate, type CertificateAndKey } from "./devCertificates.js";
 import { startOAuthServer, type OAuthServer } from "./oauthServer.js";
+import { GOOGLE_MAIL_SCOPE, startGoogleTokenServer, type GoogleServiceAccountKeyJson, type GoogleTokenServer } from "./googleTokenServer.js";
 import { startSmtpSink, type SmtpSink, type SmtpSinkOptions } from "./smtpSink.js";
 
 export const LOCAL_CLIENT_ID = "00000000-0000-4000-8000-00000000c0de";
 export const LOCAL_TENANT_ID = "local-tenant";
 export const LOCAL_MAILBOX = "mailer@contoso.test";
+/** App registration with a client secret (client_secret_post), for AUTH_METHOD=secret. */
+export const LOCAL_SECRET_CLIENT_ID = "00000000-0000-4000-8000-0000005ec7e7";
+/** Public client ("Allow public client flows"), for AUTH_METHOD=password. */
+export const LOCAL_PUBLIC_CLIENT_ID = "00000000-0000-4000-8000-00000000b1c0";
 
 export interface LocalStackOptions {
   /** Where the CA lives; processes that talk to the SMTP server trust `${caDir}/ca.pem`. */
@@ -37,16 +44,30 @@ export interface LocalStack {
   clientCertificate: CertificateAndKey;
   caPath: string;
   certPath: string;
+  /**
+   * AUTH_METHOD=google-service-account only: Google's token endpoint double, the service account's
+   * JSON key (written to `keyPath`, GOOGLE_KEY_PATH in `env`) with domain-wide delegation of
+   * https://mail.google.com/ for LOCAL_MAILBOX. The SMTP sink checks tokens with this server.
+   */
+  google?: { server: GoogleTokenServer; key: GoogleServiceAccountKeyJson; keyPath: string };
   /** Settings for the sender (worker or function). */
   env: Record<string, string>;
   stop(): Promise<void>;
 }
 
 /** The settings of one auth method, pointed at the local servers. */
-function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath: string }): Record<string, string> {
+function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath: string; clientSecret: string; mailboxPassword: string; googleKeyPath?: string }): Record<string, string> {
   switch (method) {
     case "certificate":
       return { AUTH_METHOD: "certificate", TENANT_ID: LOCAL_TENANT_ID, CLIENT_ID: LOCAL_CLIENT_ID, TOKEN_URL: local.oauth.tokenUrl, TOKEN_SCOPE: local.oauth.scope, CERT_PATH: local.certPath };
+    case "secret":
+      return { AUTH_METHOD: "secret", TENANT_ID: LOCAL_TENANT_ID, CLIENT_ID: LOCAL_SECRET_CLIENT_ID, TOKEN_URL: local.oauth.tokenUrl, TOKEN_SCOPE: local.oauth.scope, CLIENT_SECRET: local.clientSecret, CLIENT_AUTH: "post" };
+    case "password":
+      return { AUTH_METHOD: "password", TENANT_ID: LOCAL_TENANT_ID, CLIENT_ID: LOCAL_PUBLIC_CLIENT_ID, TOKEN_URL: local.oauth.tokenUrl, TOKEN_SCOPE: local.oauth.delegatedScope, MAILBOX_PASSWORD: local.mailboxPassword };
+    case "google-service-account":
+      // No TOKEN_URL or TOKEN_SCOPE: the key's token_uri and the method's default scope are used,
+      // as with a key downloaded from Google.
+      return { AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: local.googleKeyPath ?? "" };
     default:
       throw new Error(`the local stack cannot serve AUTH_METHOD=${method} yet`);
   }
@@ -64,24 +85,51 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
 
   const azurite = await startAzurite({ preferDefaultPorts: options.preferDefaultPorts ?? false });
   let oauth: OAuthServer | undefined;
+  let googleServer: GoogleTokenServer | undefined;
+  // Fresh per stack, like a new app secret and a user's password: nothing to leak from the repo,
+  // and tests can search logs for the exact values.
+  const clientSecret = randomBytes(30).toString("base64url");
+  const mailboxPassword = randomBytes(18).toString("base64url");
   try {
     oauth = await startOAuthServer({
       clientId: LOCAL_CLIENT_ID,
       tenantId: LOCAL_TENANT_ID,
       certificatePem: clientCertificate.certificatePem,
+      // Every stack accepts every Microsoft method: the certificate client above, a secret client
+      // and a public client for the mailbox user's password grant.
+      clients: [
+        { clientId: LOCAL_SECRET_CLIENT_ID, auth: "client_secret_post", secret: clientSecret },
+        { clientId: LOCAL_PUBLIC_CLIENT_ID, auth: "none" },
+      ],
+      users: [{ username: LOCAL_MAILBOX, password: mailboxPassword }],
       ...(options.accessTokenTtlSeconds === undefined ? {} : { accessTokenTtlSeconds: options.accessTokenTtlSeconds }),
     });
     const verifier = oauth;
+    let google: LocalStack["google"];
+    if (options.authMethod === "google-service-account") {
+      // A Workspace domain with one user, a service account with a JSON key like Google's (RSA 2048,
+      // PKCS#8) and domain-wide delegation of Gmail's scope, as an admin would set it up.
+      googleServer = await startGoogleTokenServer({ users: [LOCAL_MAILBOX], ...(options.accessTokenTtlSeconds === undefined ? {} : { accessTokenTtlSeconds: options.accessTokenTtlSeconds }) });
+      const account = googleServer.createServiceAccount("queue-mailer");
+      googleServer.delegate(account.clientId, [GOOGLE_MAIL_SCOPE]);
+      const key = googleServer.createKey(account.clientEmail);
+      const keyPath = resolve(join(options.workDir, "google-service-account.json"));
+      writeFileSync(keyPath, JSON.stringify(key, null, 2), { mode: 0o600 });
+      google = { server: googleServer, key, keyPath };
+    }
+    const googleVerifier = googleServer;
     const smtp = await startSmtpSink({
       tls: { key: smtpTls.privateKeyPem, cert: smtpTls.certificatePem },
-      verifyToken: (_user, token) => verifier.verifyAccessToken(token),
+      // App tokens need SMTP.SendAsApp; delegated ones (password grant) SMTP.Send for this very user;
+      // Gmail's are checked by the Google double (subject = the XOAUTH2 user, Gmail scope).
+      verifyToken: (user, token) => (googleVerifier ? googleVerifier.verifyAccessToken(token, user) : verifier.verifyAccessToken(token, user)),
       ...(options.outboxDir === undefined ? {} : { outboxDir: options.outboxDir }),
       ...(options.fault === undefined ? {} : { fault: options.fault }),
     });
     const env: Record<string, string> = {
       AzureWebJobsStorage: azurite.connectionString,
       MAIL_QUEUE: "outbound-email",
-      ...authSettings(options.authMethod ?? "certificate", { oauth, certPath }),
+      ...authSettings(options.authMethod ?? "certificate", { oauth, certPath, clientSecret, mailboxPassword, ...(google ? { googleKeyPath: google.keyPath } : {}) }),
       SMTP_HOST: "127.0.0.1",
       SMTP_PORT: String(smtp.port),
       SMTP_USER: LOCAL_MAILBOX,
@@ -97,13 +145,14 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       clientCertificate,
       caPath: ca.caPath,
       certPath,
+      ...(google ? { google } : {}),
       env,
       async stop() {
-        await Promise.allSettled([smtp.close(), openedOauth.close(), azurite.stop()]);
+        await Promise.allSettled([smtp.close(), openedOauth.close(), googleVerifier?.close(), azurite.stop()]);
       },
     };
   } catch (error) {
-    await Promise.allSettled([oauth?.close(), azurite.stop()]);
+    await Promise.allSettled([oauth?.close(), googleServer?.close(), azurite.stop()]);
     throw error;
   }
 }

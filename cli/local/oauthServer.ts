@@ -1,16 +1,35 @@
 // A local stand-in for the Microsoft identity platform's v2 token endpoint. oidc-provider (a certified
-// OAuth server) does the real work, so client assertions are verified for real: signature against the
-// registered certificate's key, aud, iss = sub = client id, exp/nbf, single-use jti. On top of it this
-// adds what Entra does and oidc-provider does not: the certificate thumbprint check, the `.default`
-// scope, app-only claims (`roles`, `appid`) and Microsoft-shaped error bodies (AADSTS codes).
+// OAuth server) does the real work, so client authentication is verified for real: client assertions
+// (signature against the registered certificate's key, aud, iss = sub = client id, exp/nbf, single-use
+// jti) and client secrets (constant-time compare, client_secret_expires_at). On top of it this adds
+// what Entra does and oidc-provider does not: the certificate thumbprint check, the `.default` scope,
+// the resource owner password grant (registerGrantType) with users that may "require MFA", app-only
+// claims (`roles`, `appid`) and delegated ones (`scp`, `upn`), and Microsoft-shaped error bodies.
 //
-// AADSTS mapping (error_description = "AADSTS<code>: <text> [Reason - <oidc-provider error_detail>]"):
+// App registrations are clients: a certificate client (private_key_jwt), secret clients registered for
+// client_secret_post or client_secret_basic, and public clients ("Allow public client flows": the
+// password grant without a secret). oidc-provider allows one authentication method per client, so a
+// local app registration has one credential; clients and users can be added or changed while the
+// server runs (registerClient / registerUser: a rotated or expired secret, a new password).
+//
+// AADSTS mapping (error_description = "AADSTS<code>: <text> [Reason - <detail>] Trace ID: …"):
 //   700016  client not found                 700027  bad signature, unknown key, wrong thumbprint, alg
 //   700024  assertion outside its time window 50013   other assertion problems: aud, iss, replayed jti
+//   7000215 wrong client secret              7000222 client secret expired
+//   7000218 confidential client sent no secret (password grant without "Allow public client flows")
+//   700025  public client sent a secret      50126   wrong username or password
+//   50034   no such user                     50076   MFA required    50079  MFA registration required
+//   65001   delegated permission not consented  70011 invalid scope for the password grant
+//   900144  missing parameter (username, password)
 //   1002012 invalid scope (no "/.default")   500011  resource not served here
 //   70003   unsupported grant type           9002313 other invalid requests; 50000 server errors
-// Stricter than Entra in one way: Entra lets msal reuse an assertion until it expires, this server
-// rejects a replayed jti (50013), so a client that sends a fresh jti per request works with both.
+// Stricter than Entra in two ways:
+// - Entra lets msal reuse an assertion until it expires; this server rejects a replayed jti (50013), so
+//   a client that sends a fresh jti per request works with both.
+// - Entra accepts a client secret in the form body and in an HTTP Basic header alike. A secret client
+//   here accepts only the method it is registered for and refuses the other with a plain RFC 6749
+//   `invalid_client` (no AADSTS code, as a strict server such as Okta or oidc-provider answers), so
+//   tests prove which way the secret travelled.
 // Limitation: oidc-provider matches a header `kid` against the registered key, which has none, so
 // assertions must not carry `kid` (msal-node's do not; Entra selects keys by thumbprint only).
 import { createHash, generateKeyPairSync, randomUUID, X509Certificate } from "node:crypto";
@@ -22,10 +41,37 @@ import { jwtVerify } from "jose";
 // not ts-expect-error, so that adding those types later does not break the build).
 import Provider, { errors } from "oidc-provider";
 
+/** One app registration, as the token endpoint authenticates it. */
+export type ClientRegistration =
+  | { clientId: string; auth: "private_key_jwt"; certificatePem: string }
+  | {
+      clientId: string;
+      auth: "client_secret_post" | "client_secret_basic";
+      secret: string;
+      /** After this the secret is refused with AADSTS7000222. */
+      secretExpiresAt?: Date;
+    }
+  /** A public client ("Allow public client flows"): the password grant, no client credential. */
+  | { clientId: string; auth: "none" };
+
+/** A user the password grant signs in. */
+export interface UserAccount {
+  /** The UPN, e.g. mailer@contoso.test. */
+  username: string;
+  password: string;
+  /** "required": a policy demands MFA (AADSTS50076); "registration": the user must enrol first (AADSTS50079). */
+  mfa?: "required" | "registration";
+}
+
 export interface OAuthServerOptions {
-  clientId: string;
-  /** The client's certificate: its public key verifies assertions. */
-  certificatePem: string;
+  /** The certificate client: registered with private_key_jwt when `certificatePem` is given too. */
+  clientId?: string;
+  /** The certificate client's certificate: its public key verifies assertions. */
+  certificatePem?: string;
+  /** More app registrations (secret and public clients); the same id replaces the certificate client. */
+  clients?: ClientRegistration[];
+  /** Users of the password grant. */
+  users?: UserAccount[];
   /** Default "local-tenant". */
   tenantId?: string;
   /** Default 127.0.0.1. */
@@ -34,13 +80,31 @@ export interface OAuthServerOptions {
   port?: number;
   /** Default "https://outlook.office365.com". */
   resource?: string;
-  /** Default ["SMTP.SendAsApp"]: the access token's `roles` claim. */
+  /** Default ["SMTP.SendAsApp"]: app-only tokens' `roles` claim, all of them required by verifyAccessToken. */
   roles?: string[];
+  /** Default ["SMTP.Send"]: the delegated permissions consented for every client (delegated tokens' `scp`). */
+  delegatedPermissions?: string[];
   /** Default 3600. */
   accessTokenTtlSeconds?: number;
 }
 
 export type AccessTokenCheck = { ok: true; claims: Record<string, unknown> } | { ok: false; reason: string };
+
+/** How a request authenticated its client, as the server saw it. */
+export type SentClientAuthentication = "client_secret_post" | "client_secret_basic" | "private_key_jwt" | "none";
+
+/** What one token request carried: names only, never values of secrets. */
+export interface TokenRequestRecord {
+  grantType: string | undefined;
+  clientId: string | undefined;
+  clientAuthentication: SentClientAuthentication;
+  /** Names of the form fields, sorted. */
+  fields: string[];
+  /** The password grant's username (not secret). */
+  username?: string;
+  scope?: string;
+  status: number;
+}
 
 export interface OAuthServer {
   /** http://host:port/<tenant>/v2.0, like Entra's v2 issuer. */
@@ -48,24 +112,48 @@ export interface OAuthServer {
   /** http://host:port/<tenant>/oauth2/v2.0/token: Microsoft's path shape, accepted as assertion aud. */
   tokenUrl: string;
   jwksUrl: string;
-  /** `${resource}/.default` */
+  /** `${resource}/.default`: app-only (client credentials). */
   scope: string;
-  /** Signature, iss, aud = resource, exp, and every configured role. */
-  verifyAccessToken(token: string): Promise<AccessTokenCheck>;
-  stats: { tokenRequests: number; tokensIssued: number; errors: Array<{ error: string; detail?: string }> };
+  /** `${resource}/SMTP.Send`: delegated (password grant). */
+  delegatedScope: string;
+  /**
+   * Signature, iss, aud = resource, exp; then either an app-only token with every configured role, or
+   * a delegated token with `scp` SMTP.Send whose `upn` is `user` (the mailbox signing in; without it a
+   * delegated token is refused, as Exchange refuses a token for another user).
+   */
+  verifyAccessToken(token: string, user?: string): Promise<AccessTokenCheck>;
+  /** Adds or replaces an app registration (rotate or expire a secret). */
+  registerClient(client: ClientRegistration): void;
+  /** Adds or replaces a user (change a password, require MFA). */
+  registerUser(user: UserAccount): void;
+  stats: {
+    tokenRequests: number;
+    tokensIssued: number;
+    errors: Array<{ error: string; detail?: string }>;
+    /** Every token request that reached oidc-provider (injected failures are not), in order. */
+    requests: TokenRequestRecord[];
+  };
   resetStats(): void;
   /** The next `count` token requests get this answer instead (e.g. 503, or 400 with an AADSTS body). */
   failNext(count: number, status: number, body: unknown, headers?: Record<string, string>): void;
   close(): Promise<void>;
 }
 
-// The slice of Koa's context and oidc-provider's error this file touches (the package has no types).
+// The slice of Koa's context, oidc-provider's context and its errors this file touches (the package
+// has no types).
 interface Ctx {
   method: string;
   path: string;
   status: number;
   body: unknown;
+  headers: Record<string, string | undefined>;
   set(headers: Record<string, string>): void;
+  oidc?: {
+    params?: Record<string, unknown>;
+    body?: Record<string, unknown>;
+    client?: { clientId: string; clientAuthMethod: string };
+    entity(name: string, value: unknown): void;
+  };
 }
 interface ProviderError {
   error?: string;
@@ -79,6 +167,17 @@ const AADSTS_TEXT: Record<number, string> = {
   700027: "Client assertion contains an invalid signature.",
   700024: "Client assertion is not within its valid time range.",
   50013: "Assertion failed signature validation or is invalid.",
+  7000215: "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID, for a secret added to app '{client}'.",
+  7000222: "The provided client secret keys for app '{client}' are expired. Visit the Azure portal to create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate credentials for added security: https://aka.ms/certCreds.",
+  7000218: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
+  700025: "Client is public so neither 'client_assertion' nor 'client_secret' should be presented.",
+  50126: "Error validating credentials due to invalid username or password.",
+  50034: "The user account {user} does not exist in the {tenant} directory. To sign into this application, the account must be added to the directory.",
+  50076: "Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access '{resource}'.",
+  50079: "Due to a configuration change made by your administrator, or because you moved to a new location, you must enroll in multi-factor authentication to access '{resource}'.",
+  65001: "The user or administrator has not consented to use the application with ID '{client}'. Send an interactive authorization request for this user and resource.",
+  70011: "The provided value for the input parameter 'scope' is not valid. The scope '{scope}' does not exist.",
+  900144: "The request body must contain the following parameter: '{parameter}'.",
   1002012: "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
   500011: "The resource principal was not found in the tenant named {tenant}.",
   70003: "The app requested an unsupported grant type.",
@@ -86,9 +185,35 @@ const AADSTS_TEXT: Record<number, string> = {
   50000: "There was an error issuing a token.",
 };
 
-function aadstsCode(error: string, detail: string, status: number): number {
+/** Entra adds a suberror to answers that a user could resolve interactively. */
+const AADSTS_SUBERROR: Record<number, string> = { 50076: "basic_action", 50079: "basic_action" };
+
+/** The delegated permission Exchange Online requires for SMTP AUTH with a user's token. */
+const DELEGATED_SMTP_PERMISSION = "SMTP.Send";
+
+const SECRET_METHODS = new Set(["client_secret_post", "client_secret_basic"]);
+
+/** What the client sent to authenticate, from the header and the parsed form. */
+function sentClientAuthentication(ctx: Ctx): SentClientAuthentication {
+  if (ctx.headers.authorization !== undefined) return "client_secret_basic";
+  const body = ctx.oidc?.body ?? {};
+  if (body.client_secret !== undefined) return "client_secret_post";
+  if (body.client_assertion !== undefined) return "private_key_jwt";
+  return "none";
+}
+
+/** oidc-provider's own client-authentication errors, in Entra's codes. */
+function aadstsCode(error: string, detail: string, status: number, client: { registered: string | undefined; sent: SentClientAuthentication }): number {
   if (error === "invalid_client") {
     if (detail === "client not found") return 700016;
+    if (detail === "invalid secret provided") return 7000215;
+    if (/client_secret expired/.test(detail)) return 7000222;
+    if (/does not match the registered client authentication method/.test(detail)) {
+      if (client.registered === "none") return 700025;
+      if (client.sent === "none") return 7000218;
+      // A secret for an app that has only a certificate: Entra finds no such secret.
+      if (client.sent !== "private_key_jwt") return 7000215;
+    }
     if (/signature|key|thumbprint|alg mismatch/i.test(detail)) return 700027;
     if (/expired|not active|nbf|exp\b/i.test(detail)) return 700024;
     return 50013;
@@ -103,11 +228,14 @@ const base64url = (bytes: Buffer) => bytes.toString("base64url");
 
 // Entra keeps assertions and tokens in its own store; oidc-provider's default memory adapter is
 // module-global (shared by every server in a process) and warns on each start, so use a per-server map.
-function memoryAdapter() {
+// Clients come from `clients` (oidc-provider's adapter lookup for non-static clients), so that a
+// registration can change while the server runs: a changed one hashes differently and is rebuilt.
+function memoryAdapter(clients: Map<string, Record<string, unknown>>) {
   const store = new Map<string, { payload: Record<string, unknown>; expiresAt: number }>();
   return (model: string) => {
     const key = (id: string) => `${model}:${id}`;
     const find = async (id: string) => {
+      if (model === "Client") return clients.get(id);
       const entry = store.get(key(id));
       if (entry && entry.expiresAt <= Date.now()) store.delete(key(id));
       return entry && entry.expiresAt > Date.now() ? entry.payload : undefined;
@@ -131,30 +259,78 @@ function memoryAdapter() {
   };
 }
 
+/** A stable object id per user, like Entra's `oid`. */
+const objectIdOf = (username: string) => {
+  const hex = createHash("sha256").update(username.toLowerCase()).digest("hex");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-4${hex.slice(13, 16)}-8${hex.slice(17, 20)}-${hex.slice(20, 32)}`;
+};
+
+/** Scopes a password-grant request may carry besides resource permissions; they add nothing here. */
+const OIDC_SCOPES = new Set(["openid", "profile", "email", "offline_access"]);
+
 export async function startOAuthServer(options: OAuthServerOptions): Promise<OAuthServer> {
   const tenant = options.tenantId ?? "local-tenant";
   const resource = options.resource ?? "https://outlook.office365.com";
   const roles = options.roles ?? ["SMTP.SendAsApp"];
+  const delegatedPermissions = options.delegatedPermissions ?? ["SMTP.Send"];
   const ttl = options.accessTokenTtlSeconds ?? 3600;
   const scope = `${resource}/.default`;
   const tokenPath = `/${tenant}/oauth2/v2.0/token`;
   const jwksPath = `/${tenant}/discovery/v2.0/keys`;
 
-  const certificate = new X509Certificate(options.certificatePem);
-  const thumbprints = {
-    "x5t#S256": base64url(createHash("sha256").update(certificate.raw).digest()),
-    x5t: base64url(createHash("sha1").update(certificate.raw).digest()),
-  };
-  // No `alg` on the registered key, so the same key verifies both PS256 and RS256 assertions.
-  const clientJwk = certificate.publicKey.export({ format: "jwk" });
+  const clientMetadata = new Map<string, Record<string, unknown>>();
+  const thumbprintsByClient = new Map<string, { "x5t#S256": string; x5t: string }>();
+  const users = new Map<string, UserAccount & { oid: string }>();
+
+  function registerClient(client: ClientRegistration): void {
+    const common = { client_id: client.clientId, response_types: [], redirect_uris: [] };
+    thumbprintsByClient.delete(client.clientId);
+    switch (client.auth) {
+      case "private_key_jwt": {
+        const certificate = new X509Certificate(client.certificatePem);
+        thumbprintsByClient.set(client.clientId, {
+          "x5t#S256": base64url(createHash("sha256").update(certificate.raw).digest()),
+          x5t: base64url(createHash("sha1").update(certificate.raw).digest()),
+        });
+        // No `alg` on the registered key, so the same key verifies both PS256 and RS256 assertions.
+        const jwk = certificate.publicKey.export({ format: "jwk" });
+        clientMetadata.set(client.clientId, { ...common, token_endpoint_auth_method: "private_key_jwt", jwks: { keys: [jwk] }, grant_types: ["client_credentials", "password"] });
+        break;
+      }
+      case "client_secret_post":
+      case "client_secret_basic":
+        clientMetadata.set(client.clientId, {
+          ...common,
+          token_endpoint_auth_method: client.auth,
+          client_secret: client.secret,
+          // oidc-provider refuses a client whose secret has expired; 0 means never.
+          client_secret_expires_at: client.secretExpiresAt ? Math.floor(client.secretExpiresAt.getTime() / 1000) : 0,
+          grant_types: ["client_credentials", "password"],
+        });
+        break;
+      case "none":
+        clientMetadata.set(client.clientId, { ...common, token_endpoint_auth_method: "none", grant_types: ["password"] });
+        break;
+    }
+  }
+  function registerUser(user: UserAccount): void {
+    users.set(user.username.toLowerCase(), { ...user, oid: objectIdOf(user.username) });
+  }
+  if (options.clientId !== undefined && options.certificatePem !== undefined) {
+    registerClient({ clientId: options.clientId, auth: "private_key_jwt", certificatePem: options.certificatePem });
+  }
+  for (const client of options.clients ?? []) registerClient(client);
+  for (const user of options.users ?? []) registerUser(user);
 
   const signing = generateKeyPairSync("rsa", { modulusLength: 2048 });
   const signingKid = randomUUID();
   const signingPublicKey: KeyObject = signing.publicKey;
 
-  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [] };
+  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [], requests: [] };
   const injected: Array<{ status: number; body: unknown; headers?: Record<string, string> }> = [];
-  const failures = new WeakMap<object, ProviderError>();
+  const failures = new WeakMap<object, ProviderError & { registered: string | undefined; sent: SentClientAuthentication }>();
+  /** Answers decided by this file's own checks: an Entra code with its text's values, or a plain OAuth error. */
+  const answers = new WeakMap<object, { code: number; vars?: Record<string, string> } | { plain: true }>();
 
   // The issuer must contain the real port, so listen first and attach the provider afterwards.
   let handler: ((req: unknown, res: unknown) => void) | undefined;
@@ -169,23 +345,38 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const issuer = `${origin}/${tenant}/v2.0`;
   const tokenUrl = `${origin}${tokenPath}`;
 
+  const resourceServerInfo = (scopeValue: string) => ({ scope: scopeValue, audience: resource, accessTokenTTL: ttl, accessTokenFormat: "jwt", jwt: { sign: { alg: "RS256" } } });
+
+  /**
+   * A secret client must send its secret the way it is registered. oidc-provider accepts either way
+   * for both methods, so this runs once the client is authenticated: from extraTokenClaims for the
+   * client credentials grant (oidc-provider's own handler, which has no earlier hook) and at the start
+   * of the password grant.
+   */
+  function assertRegisteredSecretTransport(ctx: Ctx): void {
+    const registered = ctx.oidc?.client?.clientAuthMethod;
+    if (registered === undefined || !SECRET_METHODS.has(registered)) return;
+    const sent = sentClientAuthentication(ctx);
+    if (sent !== registered) {
+      answers.set(ctx, { plain: true });
+      throw new errors.InvalidClientAuth(`the client is registered for ${registered} but the request used ${sent}`);
+    }
+  }
+
+  /** Throws the Entra answer `code` for this request. */
+  function refuse(ctx: Ctx, code: number, error: ProviderError, vars?: Record<string, string>): never {
+    answers.set(ctx, { code, ...(vars ? { vars } : {}) });
+    throw error;
+  }
+
   const provider = new Provider(issuer, {
-    adapter: memoryAdapter(),
+    adapter: memoryAdapter(clientMetadata),
     jwks: { keys: [{ ...signing.privateKey.export({ format: "jwk" }), kid: signingKid, use: "sig", alg: "RS256" }] },
-    clients: [
-      {
-        client_id: options.clientId,
-        token_endpoint_auth_method: "private_key_jwt",
-        jwks: { keys: [clientJwk] },
-        grant_types: ["client_credentials"],
-        response_types: [],
-        redirect_uris: [],
-      },
-    ],
-    clientAuthMethods: ["private_key_jwt"],
+    clients: [],
+    clientAuthMethods: ["private_key_jwt", "client_secret_post", "client_secret_basic", "none"],
     enabledJWA: { clientAuthSigningAlgValues: ["PS256", "RS256"] },
     routes: { token: tokenPath, jwks: jwksPath },
-    ttl: { ClientCredentials: ttl },
+    ttl: { ClientCredentials: ttl, AccessToken: ttl },
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
@@ -204,15 +395,22 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
         // The resource server's scope is what lets the (non-OIDC) ".default" scope through into the token.
         async getResourceServerInfo(_ctx: unknown, indicator: string) {
           if (indicator !== resource) throw new errors.InvalidTarget(`resource ${indicator} is not served here`);
-          return { scope, audience: resource, accessTokenTTL: ttl, accessTokenFormat: "jwt", jwt: { sign: { alg: "RS256" } } };
+          return resourceServerInfo(scope);
         },
         async useGrantedResource() {
           return false;
         },
       },
     },
-    // App-only tokens from Entra carry roles and appid, and no scope claim (Exchange reads roles).
-    async extraTokenClaims(_ctx: unknown, token: { clientId: string }) {
+    // App-only tokens from Entra carry roles and appid and no scope claim (Exchange reads roles);
+    // delegated ones carry scp and the user (upn, unique_name, oid) and no roles.
+    async extraTokenClaims(ctx: Ctx, token: { clientId: string; gty?: string; accountId?: string }) {
+      if (token.gty === "password") {
+        const user = [...users.values()].find((u) => u.oid === token.accountId);
+        const scp = String((token as { scope?: string }).scope ?? "");
+        return { scp, upn: user?.username, unique_name: user?.username, oid: token.accountId, appid: token.clientId, azp: token.clientId, tid: tenant };
+      }
+      assertRegisteredSecretTransport(ctx);
       return { roles, appid: token.clientId, azp: token.clientId, tid: tenant };
     },
     formats: {
@@ -223,17 +421,18 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       },
     },
     // Runs after oidc-provider's own checks (signature, iss, exp, aud), before the jti is spent.
-    async assertJwtClientAuthClaimsAndHeader(_ctx: unknown, claims: { aud?: unknown }, header: Record<string, unknown>) {
+    async assertJwtClientAuthClaimsAndHeader(_ctx: unknown, claims: { aud?: unknown }, header: Record<string, unknown>, client: { clientId: string }) {
       // oidc-provider also accepts the issuer as aud (RFC 7523); Entra documents only the token URL.
       if (![claims.aud].flat().includes(tokenUrl)) {
         throw new errors.InvalidClientAuth(`audience (aud) must be the token endpoint ${tokenUrl}`);
       }
       // Entra picks the certificate by the header thumbprint; a wrong one is AADSTS700027 even when the
       // signature would verify.
+      const thumbprints = thumbprintsByClient.get(client.clientId);
       const sent = (["x5t#S256", "x5t"] as const).filter((name) => header[name] !== undefined);
       if (sent.length === 0) throw new errors.InvalidClientAuth("the key was not found: no x5t#S256 or x5t header");
       for (const name of sent) {
-        if (header[name] !== thumbprints[name]) {
+        if (header[name] !== thumbprints?.[name]) {
           throw new errors.InvalidClientAuth(`the key was not found: ${name} '${String(header[name])}' is not a registered certificate thumbprint`);
         }
       }
@@ -244,12 +443,52 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     },
   });
 
-  provider.on("grant.error", (ctx: object, err: ProviderError) => {
-    failures.set(ctx, err);
+  // The resource owner password credentials grant (RFC 6749 4.3), as Entra's v2 endpoint does it:
+  // client authentication (a secret for confidential clients, none for public ones) has already run;
+  // this checks the user and the delegated scope and issues a JWT access token for the resource.
+  provider.registerGrantType(
+    "password",
+    async (ctx: Ctx) => {
+      assertRegisteredSecretTransport(ctx);
+      const params = (ctx.oidc?.params ?? {}) as { username?: string; password?: string; scope?: string };
+      const client = ctx.oidc!.client!;
+      for (const parameter of ["username", "password", "scope"] as const) {
+        if (!params[parameter]) refuse(ctx, 900144, new errors.InvalidRequest(`missing ${parameter}`), { parameter });
+      }
+      const user = users.get(params.username!.toLowerCase());
+      if (!user) refuse(ctx, 50034, new errors.InvalidGrant("unknown user"), { user: params.username! });
+      if (user.password !== params.password) refuse(ctx, 50126, new errors.InvalidGrant("wrong password"));
+      if (user.mfa === "required") refuse(ctx, 50076, new errors.InvalidGrant("the user must complete multi-factor authentication"), { resource });
+      if (user.mfa === "registration") refuse(ctx, 50079, new errors.InvalidGrant("the user must register for multi-factor authentication"), { resource });
+
+      // "<resource>/<permission>" items (or "<resource>/.default" for every consented permission).
+      const requested = params.scope!.split(" ").filter((s) => s && !OIDC_SCOPES.has(s));
+      const granted = new Set<string>();
+      for (const item of requested) {
+        const slash = item.lastIndexOf("/");
+        const [itemResource, permission] = slash > 0 ? [item.slice(0, slash), item.slice(slash + 1)] : ["", item];
+        if (itemResource !== resource) refuse(ctx, itemResource ? 500011 : 70011, itemResource ? new errors.InvalidTarget(`resource ${itemResource} is not served here`) : new errors.InvalidScope(`scope ${item} names no resource`, item), { scope: item });
+        if (permission === ".default") delegatedPermissions.forEach((p) => granted.add(p));
+        else if (delegatedPermissions.includes(permission)) granted.add(permission);
+        else refuse(ctx, 65001, new errors.InvalidGrant(`delegated permission ${permission} is not consented`));
+      }
+      if (granted.size === 0) refuse(ctx, 70011, new errors.InvalidScope("no resource permission requested", params.scope!), { scope: params.scope! });
+
+      const token = new provider.AccessToken({ accountId: user.oid, client, gty: "password", scope: [...granted].join(" ") });
+      token.resourceServer = new provider.ResourceServer(resource, resourceServerInfo([...granted].join(" ")));
+      ctx.oidc!.entity("AccessToken", token);
+      const accessToken = await token.save();
+      ctx.body = { access_token: accessToken, token_type: "Bearer", expires_in: token.expiration, scope: [...granted].map((p) => `${resource}/${p}`).join(" ") };
+    },
+    ["username", "password", "scope"],
+  );
+
+  provider.on("grant.error", (ctx: Ctx, err: ProviderError) => {
+    failures.set(ctx, { ...err, message: err.message, registered: ctx.oidc?.client?.clientAuthMethod, sent: sentClientAuthentication(ctx) });
     stats.errors.push({ error: err.error ?? err.message, detail: err.error_detail ?? err.error_description });
   });
-  provider.on("server_error", (ctx: object, err: ProviderError) => {
-    failures.set(ctx, err);
+  provider.on("server_error", (ctx: Ctx, err: ProviderError) => {
+    failures.set(ctx, { ...err, message: err.message, registered: ctx.oidc?.client?.clientAuthMethod, sent: sentClientAuthentication(ctx) });
     stats.errors.push({ error: "server_error", detail: err.message });
   });
 
@@ -267,18 +506,37 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       return;
     }
     await next();
+    const form = ctx.oidc?.body ?? {};
+    const field = (name: string) => (typeof form[name] === "string" ? (form[name] as string) : undefined);
+    stats.requests.push({
+      grantType: field("grant_type"),
+      clientId: ctx.oidc?.client?.clientId ?? field("client_id"),
+      clientAuthentication: sentClientAuthentication(ctx),
+      fields: Object.keys(form).sort(),
+      ...(field("grant_type") === "password" && field("username") !== undefined ? { username: field("username") } : {}),
+      ...(field("scope") !== undefined ? { scope: field("scope") } : {}),
+      status: ctx.status,
+    });
     const body = ctx.body as Record<string, unknown> | undefined;
     if (ctx.status === 200 && typeof body?.access_token === "string") {
       stats.tokensIssued++;
-      ctx.body = { token_type: body.token_type, expires_in: body.expires_in, ext_expires_in: body.expires_in, access_token: body.access_token };
+      ctx.body = { token_type: body.token_type, ...(body.scope === undefined ? {} : { scope: body.scope }), expires_in: body.expires_in, ext_expires_in: body.expires_in, access_token: body.access_token };
     } else if (typeof body?.error === "string") {
       const failure = failures.get(ctx);
       const detail = failure?.error_detail ?? String(body.error_description ?? "");
-      const code = aadstsCode(body.error, detail, ctx.status);
+      const answer = answers.get(ctx);
+      if (answer && "plain" in answer) {
+        ctx.body = { error: body.error, error_description: `${String(body.error_description ?? body.error)}: ${detail}` };
+        return;
+      }
+      const code = answer?.code ?? aadstsCode(body.error, detail, ctx.status, { registered: failure?.registered, sent: failure?.sent ?? "none" });
+      const vars: Record<string, string> = { client: ctx.oidc?.client?.clientId ?? field("client_id") ?? "", tenant, ...(answer?.vars ?? {}) };
+      // Entra answers invalid_client with 401 (oidc-provider says 400 for an expired secret).
+      if (body.error === "invalid_client") ctx.status = 401;
       const traceId = randomUUID();
       const correlationId = randomUUID();
       const timestamp = new Date().toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
-      const text = AADSTS_TEXT[code]!.replace("{client}", options.clientId).replace("{tenant}", tenant);
+      const text = AADSTS_TEXT[code]!.replace(/\{(\w+)\}/g, (_, name: string) => vars[name] ?? "");
       ctx.body = {
         error: body.error,
         error_description: `AADSTS${code}: ${text} [Reason - ${detail}] Trace ID: ${traceId} Correlation ID: ${correlationId} Timestamp: ${timestamp}`,
@@ -286,6 +544,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
         timestamp,
         trace_id: traceId,
         correlation_id: correlationId,
+        ...(AADSTS_SUBERROR[code] ? { suberror: AADSTS_SUBERROR[code] } : {}),
       };
     }
   });
@@ -297,23 +556,36 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     tokenUrl,
     jwksUrl: `${origin}${jwksPath}`,
     scope,
-    async verifyAccessToken(token) {
+    delegatedScope: `${resource}/${DELEGATED_SMTP_PERMISSION}`,
+    async verifyAccessToken(token, user) {
       let claims: Record<string, unknown>;
       try {
         ({ payload: claims } = await jwtVerify(token, signingPublicKey, { issuer, audience: resource, algorithms: ["RS256"] }));
       } catch (err) {
         return { ok: false, reason: `access token rejected: ${(err as Error).message}` };
       }
+      if (typeof claims.scp === "string") {
+        // Exchange takes a delegated token only for the mailbox of the user it was issued to.
+        if (!claims.scp.split(" ").includes(DELEGATED_SMTP_PERMISSION)) return { ok: false, reason: `delegated token lacks ${DELEGATED_SMTP_PERMISSION} (scp "${claims.scp}")` };
+        const tokenUser = typeof claims.upn === "string" ? claims.upn : typeof claims.preferred_username === "string" ? claims.preferred_username : undefined;
+        if (tokenUser === undefined) return { ok: false, reason: "delegated token names no user (upn)" };
+        if (user === undefined) return { ok: false, reason: `delegated token for ${tokenUser}, but no mailbox was given to compare` };
+        if (tokenUser.toLowerCase() !== user.toLowerCase()) return { ok: false, reason: `delegated token is for ${tokenUser}, not ${user}` };
+        return { ok: true, claims };
+      }
       const granted = Array.isArray(claims.roles) ? claims.roles : [];
       const missing = roles.filter((role) => !granted.includes(role));
       if (missing.length > 0) return { ok: false, reason: `access token lacks role(s) ${missing.join(", ")}` };
       return { ok: true, claims };
     },
+    registerClient,
+    registerUser,
     stats,
     resetStats() {
       stats.tokenRequests = 0;
       stats.tokensIssued = 0;
       stats.errors.length = 0;
+      stats.requests.length = 0;
     },
     failNext(count, status, body, headers) {
       for (let i = 0; i < count; i++) injected.push({ status, body, headers });

@@ -44,7 +44,14 @@ if (!(AUTH_METHODS as readonly string[]).includes(authMethod)) {
 const stack = await startLocalStack({ caDir: join(dir, "ca"), workDir: dir, outboxDir, preferDefaultPorts: !once, authMethod });
 const env = stack.env;
 console.log(`  storage   ${stack.azurite.connectionString.startsWith("UseDevelopmentStorage") ? "UseDevelopmentStorage=true (ports 10000-10002)" : `ports ${stack.azurite.ports.queue} (queue)`}`);
-console.log(`  token     ${stack.oauth.tokenUrl}  (verifies client assertions signed with ${relative(process.cwd(), stack.certPath)})`);
+// What the local token endpoint checks depends on the method being demonstrated.
+const tokenCheck: Record<AuthMethod, string> = {
+  certificate: `verifies client assertions signed with ${relative(process.cwd(), stack.certPath)}`,
+  secret: `checks the client secret (${env["CLIENT_AUTH"] ?? "post"})`,
+  password: `checks the mailbox password (password grant)`,
+  "google-service-account": `verifies JWT bearer assertions signed with ${stack.google ? relative(process.cwd(), stack.google.keyPath) : "the service account key"}`,
+};
+console.log(`  token     ${stack.google?.server.tokenUrl ?? stack.oauth.tokenUrl}  (AUTH_METHOD=${authMethod}: ${tokenCheck[authMethod]})`);
 console.log(`  smtp      127.0.0.1:${stack.smtp.port}  (STARTTLS + XOAUTH2 required, token checked; outbox ${relative(process.cwd(), outboxDir)})`);
 
 stack.smtp.onMessage((message) => {

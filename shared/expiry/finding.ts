@@ -3,7 +3,8 @@
 import type { ExpiryConfig } from "../config.js";
 
 export type ExpiryItemKind = "certificate" | "secret" | "certificate-file" | "app-certificate" | "app-secret";
-export type ExpiryStatus = "ok" | "warning" | "critical" | "expired" | "disabled" | "never-expires" | "error";
+/** "unchecked": the credential is in use but its end date is out of this watch's sight (detail says why). */
+export type ExpiryStatus = "ok" | "warning" | "critical" | "expired" | "disabled" | "never-expires" | "error" | "unchecked";
 
 export interface ExpiryItem {
   /**
@@ -25,7 +26,7 @@ export interface ExpiryFinding extends ExpiryItem {
   status: ExpiryStatus;
   /** Whole days until expiry, rounded; negative once expired. */
   daysLeft?: number;
-  /** For status "error": what could not be checked and why. */
+  /** For status "error" and "unchecked": what could not be checked and why. */
   detail?: string;
   action: string;
 }

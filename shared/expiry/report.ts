@@ -1,14 +1,14 @@
 // Findings for people: a plain-text table (CLI, email, webhook) and an HTML table (email).
 import type { ExpiryFinding } from "./finding.js";
 
-const order: Record<ExpiryFinding["status"], number> = { expired: 0, critical: 1, error: 2, warning: 3, ok: 4, disabled: 5, "never-expires": 6 };
+const order: Record<ExpiryFinding["status"], number> = { expired: 0, critical: 1, error: 2, warning: 3, unchecked: 4, ok: 5, disabled: 6, "never-expires": 7 };
 
 export function sortFindings(findings: ExpiryFinding[]): ExpiryFinding[] {
   return [...findings].sort((a, b) => order[a.status] - order[b.status] || (a.daysLeft ?? Infinity) - (b.daysLeft ?? Infinity) || a.name.localeCompare(b.name));
 }
 
 export function expiresText(f: ExpiryFinding): string {
-  if (f.status === "error") return "?";
+  if (f.status === "error" || f.status === "unchecked") return "?";
   return f.expiresOn ? f.expiresOn.toISOString().slice(0, 10) : "never expires";
 }
 
@@ -17,7 +17,7 @@ export function daysText(f: ExpiryFinding): string {
 }
 
 function statusText(f: ExpiryFinding): string {
-  return f.status === "error" ? `error: ${f.detail ?? ""}` : f.status;
+  return f.status === "error" || f.status === "unchecked" ? `${f.status}: ${f.detail ?? ""}` : f.status;
 }
 
 export function findingsTable(findings: ExpiryFinding[]): string {

@@ -10,19 +10,26 @@ import type { ExpirySource } from "./sources/source.js";
 import { appRegistrationSource } from "./sources/appRegistrationSource.js";
 import { certificateFileSource } from "./sources/certificateFileSource.js";
 import { keyVaultSource } from "./sources/keyVaultSource.js";
+import { googleServiceAccountKeySource } from "./sources/googleServiceAccountKeySource.js";
+import { unwatchedClientSecretSource } from "./sources/unwatchedClientSecretSource.js";
 
 export function expirySourcesFor(config: ExpiryConfig): ExpirySource[] {
   const sources: ExpirySource[] = [];
-  if (config.keyVault) sources.push(keyVaultSource(config.keyVault.vaultUrl, { watchNames: config.watchNames, ...(config.keyVault.certName ? { certName: config.keyVault.certName } : {}) }));
+  if (config.keyVault) {
+    const { vaultUrl, certName, secretNames } = config.keyVault;
+    sources.push(keyVaultSource(vaultUrl, { watchNames: config.watchNames, ...(certName ? { certName } : {}), ...(secretNames ? { secretNames } : {}) }));
+  }
   if (config.certificateFile) sources.push(certificateFileSource(config.certificateFile.path, config.certificateFile.password));
   if (config.appRegistration) sources.push(appRegistrationSource(config.appRegistration.clientId));
+  if (config.googleKey) sources.push(googleServiceAccountKeySource(config.googleKey));
+  if (config.unwatchedClientSecret) sources.push(unwatchedClientSecretSource(config.unwatchedClientSecret.setting));
   return sources;
 }
 
 /** Read-only: what `queue-mailer expiry` prints. */
 export async function collectFindings(sources: ExpirySource[], config: Pick<ExpiryConfig, "warnDays" | "criticalDays">, now: Date): Promise<ExpiryFinding[]> {
   const results = await Promise.all(sources.map((s) => s.list()));
-  return results.flatMap(({ items, errors }) => [...items.map((item) => evaluate(item, now, config)), ...errors]);
+  return results.flatMap(({ items, errors, notices = [] }) => [...items.map((item) => evaluate(item, now, config)), ...errors, ...notices]);
 }
 
 export interface ExpiryRunResult {
@@ -44,6 +51,9 @@ export async function runExpiryWatch(options: {
   const findings = await collectFindings(options.sources, config, now);
   for (const finding of findings.filter((f) => f.status === "error")) {
     logger.log("warn", "expiry.check_failed", { name: finding.name, source: finding.source, detail: finding.detail, action: finding.action });
+  }
+  for (const finding of findings.filter((f) => f.status === "unchecked")) {
+    logger.log("info", "expiry.not_checked", { name: finding.name, source: finding.source, detail: finding.detail, action: finding.action });
   }
   const due: Alert[] = findings.flatMap((finding) => {
     const alertKey = dueAlertKey(finding, now, config);

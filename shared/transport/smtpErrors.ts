@@ -51,7 +51,13 @@ export function classifySmtpError(raw: unknown): MailerError {
     if (enhanced === "5.7.139") {
       return smtpError("SMTP_AUTH_DISABLED", "config", error, "SMTP AUTH is disabled for the tenant or the mailbox: enable it with Set-CASMailbox -SmtpClientAuthenticationDisabled $false (Security Defaults also turn it off).");
     }
-    return smtpError("SMTP_AUTH_REJECTED", "config", error, "The mail server refused the token: check SMTP.SendAsApp with admin consent, New-ServicePrincipal in Exchange, Add-MailboxPermission FullAccess for SMTP_USER, and TOKEN_SCOPE.");
+    if (/Username and Password not accepted|support\.google\.com\/mail|gsmtp/i.test(reply)) {
+      // Gmail's answer to a refused XOAUTH2 token (535-5.7.8, after its 334 challenge): the token is
+      // not for this user or lacks the Gmail scope. Matched on Gmail's wording, not on 5.7.8 alone,
+      // which other servers use for any failed login.
+      return smtpError("SMTP_AUTH_REJECTED", "config", error, "Gmail refused the token for SMTP_USER: the token must be for that same user (the assertion's sub is SMTP_USER) with the scope https://mail.google.com/ (TOKEN_SCOPE, granted in domain-wide delegation); the user must exist, be active and have Gmail enabled. SMTP_HOST must be smtp.gmail.com for Workspace accounts.");
+    }
+    return smtpError("SMTP_AUTH_REJECTED", "config", error, "The mail server refused the token. App-only (AUTH_METHOD certificate or secret): check SMTP.SendAsApp with admin consent, New-ServicePrincipal in Exchange, Add-MailboxPermission FullAccess for SMTP_USER, and TOKEN_SCOPE (https://outlook.office365.com/.default). Delegated (password): the token's user must be SMTP_USER and SMTP.Send must be consented; SMTP AUTH must be enabled for the mailbox.");
   }
   if (/SendAsDenied/i.test(reply) || enhanced === "5.2.252") {
     return smtpError("SMTP_SEND_AS_DENIED", "permanent", error, "From must be SMTP_USER, or grant SendAs with Add-RecipientPermission.");

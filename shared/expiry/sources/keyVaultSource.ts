@@ -1,6 +1,7 @@
 // Every certificate and secret in the vault (narrowed by EXPIRY_WATCH_NAMES), with expiresOn from
 // the list calls: one request per page, no per-item reads. Certificate-backed secrets are skipped
-// (they are the certificates again). The sender's own certificate (CERT_NAME) is always included.
+// (they are the certificates again). The sender's own certificate (CERT_NAME) and client secret
+// (CLIENT_SECRET_NAME) are always included and marked in use.
 import type { TokenCredential } from "@azure/identity";
 import { azureCredential } from "../../auth/azureCredential.js";
 import { errorFinding, type ExpiryFinding, type ExpiryItem } from "../finding.js";
@@ -25,9 +26,11 @@ function describeError(error: unknown): { detail: string; action: string } {
   return { detail: `${status ?? "network"}: ${message}`, action: "Check KEY_VAULT_URL and that the vault is reachable." };
 }
 
-export function keyVaultSource(vaultUrl: string, options: { certName?: string; watchNames: string[]; credential?: TokenCredential }): ExpirySource {
+export function keyVaultSource(vaultUrl: string, options: { certName?: string; secretNames?: string[]; watchNames: string[]; credential?: TokenCredential }): ExpirySource {
   const watched = nameMatcher(options.watchNames);
   const inUse = (name: string) => options.certName !== undefined && name.toLowerCase() === options.certName.toLowerCase();
+  const secretNames = options.secretNames ?? [];
+  const secretInUse = (name: string) => secretNames.some((s) => s.toLowerCase() === name.toLowerCase());
   return {
     name: "key-vault",
     async list() {
@@ -56,7 +59,7 @@ export function keyVaultSource(vaultUrl: string, options: { certName?: string; w
       }
       try {
         for await (const secret of new SecretClient(vaultUrl, credential).listPropertiesOfSecrets()) {
-          if (secret.managed || !watched(secret.name)) continue;
+          if (secret.managed || (!watched(secret.name) && !secretInUse(secret.name))) continue;
           items.push({
             key: `kv:secret:${vaultUrl}:${secret.name}:${secret.expiresOn?.toISOString() ?? "none"}`,
             name: secret.name,
@@ -64,6 +67,7 @@ export function keyVaultSource(vaultUrl: string, options: { certName?: string; w
             source: vaultUrl,
             enabled: secret.enabled !== false,
             ...(secret.expiresOn ? { expiresOn: secret.expiresOn } : {}),
+            ...(secretInUse(secret.name) ? { inUse: true } : {}),
           });
         }
       } catch (error) {
@@ -72,6 +76,11 @@ export function keyVaultSource(vaultUrl: string, options: { certName?: string; w
       }
       if (options.certName && !items.some((i) => i.kind === "certificate" && inUse(i.name)) && errors.length === 0) {
         errors.push(errorFinding(`kv:certificate:${vaultUrl}:${options.certName}`, options.certName, "certificate", vaultUrl, `CERT_NAME "${options.certName}" is not in the vault`, "Check CERT_NAME."));
+      }
+      for (const name of secretNames) {
+        if (errors.length === 0 && !items.some((i) => i.kind === "secret" && i.name.toLowerCase() === name.toLowerCase())) {
+          errors.push(errorFinding(`kv:secret:${vaultUrl}:${name}`, name, "secret", vaultUrl, `CLIENT_SECRET_NAME "${name}" is not in the vault`, "Check CLIENT_SECRET_NAME."));
+        }
       }
       return { items, errors };
     },
