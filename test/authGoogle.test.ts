@@ -243,7 +243,7 @@ describe("AUTH_METHOD=google-service-account", () => {
       return findGoogle(await collectFindings(expirySourcesFor(config), config, at));
     };
 
-    it("reports the age from Google's published certificate: ok when new, warning within 30 days of 90, expired (overdue) past 90", async () => {
+    it("reports the age from Google's published certificate: ok when new, warning within 30 days of 90, still a warning (rotation overdue, the key works) past 90", async () => {
       const fresh = await findingsFor({ AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: local.stack.google!.keyPath });
       assert.equal(fresh.status, "ok");
       assert.match(fresh.name, new RegExp(`^Google key ${key.private_key_id.slice(0, 8)} of ${key.client_email} \\(created ${now.toISOString().slice(0, 10)}, 0 days old; rotate every 90 days\\)$`));
@@ -260,7 +260,9 @@ describe("AUTH_METHOD=google-service-account", () => {
       const old = google.createKey(key.client_email, { createdAt });
       const env = { AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: keyFile("key-100.json", old) };
       const hundred = await findingsFor(env);
-      assert.equal(hundred.status, "expired", "past 90 days: rotation overdue");
+      assert.equal(hundred.status, "warning", "past 90 days: rotation overdue, but the key still works");
+      assert.equal(hundred.kind, "google-key");
+      assert.match(hundred.action, /Create a new key for the service account/);
       assert.equal(hundred.daysLeft, -10);
       assert.equal(hundred.expiresOn?.getTime(), Math.floor(createdAt.getTime() / 1000) * 1000 + 90 * DAY_MS, "rotation date = creation + 90 days");
       assert.match(hundred.name, /100 days old/);
@@ -270,7 +272,8 @@ describe("AUTH_METHOD=google-service-account", () => {
       await runConfiguredExpiryWatch({ config: loadExpiryConfig(env), storage: loadStorageConfig(local.stack.env), logger });
       const alerts = events(logger, "expiry.alert").filter((a) => String(a["name"]).includes(old.private_key_id.slice(0, 8)));
       assert.equal(alerts.length, 1);
-      assert.equal(alerts[0]?.["status"], "expired");
+      assert.equal(alerts[0]?.["status"], "warning");
+      assert.equal(alerts[0]?.["level"], "warn");
       assert.equal(alerts[0]?.["inUse"], true);
     });
 
@@ -287,7 +290,7 @@ describe("AUTH_METHOD=google-service-account", () => {
       const modified = new Date(Date.now() - 95 * DAY_MS);
       utimesSync(path, modified, modified);
       const finding = await findingsFor({ AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: path });
-      assert.equal(finding.status, "expired");
+      assert.equal(finding.status, "warning");
       assert.match(finding.name, /95 days old; rotate every 90 days; age from the file's modification time \(the key has no client_x509_cert_url\), the key may be older/);
     });
 
@@ -315,7 +318,7 @@ describe("AUTH_METHOD=google-service-account", () => {
       privateKeys.push(withoutUrl.private_key);
       kv.putSecret("google-expiry-key", JSON.stringify(withoutUrl));
       const stored = await findingsFor(env, new Date(Date.now() + 100 * DAY_MS));
-      assert.equal(stored.status, "expired", "100 days after the secret version was stored");
+      assert.equal(stored.status, "warning", "100 days after the secret version was stored: rotation overdue");
       assert.match(stored.name, /age from the Key Vault secret version's date/);
     });
   });

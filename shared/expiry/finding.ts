@@ -2,7 +2,7 @@
 // ExpiryItems; evaluate() turns them into findings with a status, days left and what to do.
 import type { ExpiryConfig } from "../config.js";
 
-export type ExpiryItemKind = "certificate" | "secret" | "certificate-file" | "app-certificate" | "app-secret";
+export type ExpiryItemKind = "certificate" | "secret" | "certificate-file" | "app-certificate" | "app-secret" | "google-key";
 /** "unchecked": the credential is in use but its end date is out of this watch's sight (detail says why). */
 export type ExpiryStatus = "ok" | "warning" | "critical" | "expired" | "disabled" | "never-expires" | "error" | "unchecked";
 
@@ -20,6 +20,11 @@ export interface ExpiryItem {
   enabled: boolean;
   /** The credential the sender signs with right now. */
   inUse?: boolean;
+  /**
+   * `expiresOn` is a rotation date (Google's 90-day advice), not the end of validity: past it the
+   * item stays a warning instead of "expired".
+   */
+  rotationDue?: boolean;
 }
 
 export interface ExpiryFinding extends ExpiryItem {
@@ -39,6 +44,7 @@ const actions: Record<ExpiryItemKind, string> = {
   "certificate-file": "Replace the file in CERT_PATH with a renewed certificate and upload its public part (.cer) to the app registration.",
   "app-certificate": "Upload a renewed certificate to the app registration (Certificates & secrets) before this one expires, then remove the old one.",
   "app-secret": "Create a new client secret in the app registration, update the setting that uses it, then delete the old one.",
+  "google-key": "Create a new key for the service account (IAM & Admin > Service accounts > Keys), put its JSON in GOOGLE_KEY_PATH or the GOOGLE_KEY_NAME secret, then delete the old key.",
 };
 
 export function daysLeft(expiresOn: Date, now: Date): number {
@@ -51,8 +57,9 @@ export function evaluate(item: ExpiryItem, now: Date, config: Pick<ExpiryConfig,
   if (!item.expiresOn) return { ...item, status: "never-expires", action: "No expiry date is set." };
   const left = daysLeft(item.expiresOn, now);
   const warnFrom = Math.max(...config.warnDays, config.criticalDays);
+  const past = item.expiresOn.getTime() <= now.getTime();
   const status: ExpiryStatus =
-    item.expiresOn.getTime() <= now.getTime() ? "expired" : left <= config.criticalDays ? "critical" : left <= warnFrom ? "warning" : "ok";
+    past && item.rotationDue ? "warning" : past ? "expired" : left <= config.criticalDays && !item.rotationDue ? "critical" : left <= warnFrom ? "warning" : "ok";
   return { ...item, status, daysLeft: left, action };
 }
 

@@ -138,9 +138,11 @@ export function googleServiceAccountKeySource(location: GoogleKeyLocation, optio
             // The key id is in the key: a rotated key is a new item, so the old one's alerts stop.
             key: id,
             name: `${label} (created ${createdOn.toISOString().slice(0, 10)}, ${ageDays} days old; rotate every ${GOOGLE_KEY_ROTATION_DAYS} days${basis})`,
-            kind: "secret",
+            kind: "google-key",
             source: stored.source,
             expiresOn: new Date(Math.min(rotateBy, realExpiry)),
+            // Past its 90 days the key still works: that is a warning to rotate, not an outage.
+            ...(rotateBy <= realExpiry ? { rotationDue: true } : {}),
             enabled: true,
             inUse: true,
           },
