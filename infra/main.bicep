@@ -42,6 +42,13 @@ param tenantId string = tenant().tenantId
 ])
 param authMethod string = 'certificate'
 
+@description('TRANSPORT: "smtp" (Exchange SMTP submission, 30 messages a minute per mailbox) or "graph" (Microsoft Graph sendMail: grant the app Mail.Send instead of SMTP.SendAsApp; see docs/transport-graph.md).')
+@allowed([
+  'smtp'
+  'graph'
+])
+param transport string = 'smtp'
+
 @description('CLIENT_ID: Application (client) ID of the app registration (every method but google-service-account).')
 @maxLength(36)
 param appClientId string = ''
@@ -490,6 +497,7 @@ var mailerSettings = {
   MAIL_QUEUE: mailQueue
   MAIL_FROM: empty(mailFrom) ? smtpUser : mailFrom
   AUTH_METHOD: authMethod
+  TRANSPORT: transport
   KEY_VAULT_URL: vault.properties.vaultUri
   SMTP_USER: smtpUser
   ATTACHMENT_CONTAINER: attachmentContainer
@@ -533,7 +541,7 @@ var webhookSetting = {
 }
 var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 
-// Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, ASSERTION_ALG, AUTHORITY_HOST, CLIENT_AUTH, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
+// Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, GRAPH_URL, GRAPH_MAX_CONCURRENCY, DAILY_RECIPIENT_LIMIT, MAILBOX, ASSERTION_ALG, AUTHORITY_HOST, CLIENT_AUTH, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
 // Settings not set here (read only by `queue-mailer worker`; host.json sets the host's equivalents): LEASE_SECONDS, WORKER_BATCH_SIZE
 // Settings not set here (not used in Azure: identity-based storage and a Key Vault certificate instead): AzureWebJobsStorage, CERT_PATH, CERT_PASSWORD
 // Settings not set here (secrets stay in the vault and are read by name; files are for local runs): CLIENT_SECRET, MAILBOX_PASSWORD, GOOGLE_KEY_PATH

@@ -41,7 +41,7 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "CLIENT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Application (client) ID of the app registration: `iss` and `sub` of the client assertion, or the `client_id` sent with a secret or password." },
   { name: "AUTHORITY_HOST", type: "url", default: "https://login.microsoftonline.com", authMethods: MICROSOFT_METHODS, description: "Microsoft identity platform host; national clouds use their own (`https://login.microsoftonline.us`, `https://login.chinacloudapi.cn`)." },
   { name: "TOKEN_URL", type: "url", default: "${AUTHORITY_HOST}/${TENANT_ID}/oauth2/v2.0/token", description: "OAuth2 token endpoint: the override for any other OAuth server (with `google-service-account` the default is the key's `token_uri`, else https://oauth2.googleapis.com/token). Plain http is refused except on loopback." },
-  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/SMTP.Send" }, description: "Scope requested for the SMTP token." },
+  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/SMTP.Send" }, description: "Scope requested for the token. With `TRANSPORT=graph` the default is `${GRAPH_URL}/.default` (`${GRAPH_URL}/Mail.Send` for the delegated password grant)." },
   { name: "KEY_VAULT_URL", type: "url", description: "Key Vault holding the credential (e.g. `https://my-vault.vault.azure.net`): the certificate (`CERT_NAME`), or the secrets named by `CLIENT_SECRET_NAME`, `GOOGLE_KEY_NAME`, `MAILBOX_PASSWORD_NAME`." },
   { name: "CERT_NAME", type: "string", authMethods: ["certificate"], description: "Name of the certificate in Key Vault." },
   { name: "CERT_PATH", type: "string", authMethods: ["certificate"], description: "Local certificate instead of Key Vault: a PEM file with certificate and private key (either order), or a `.pfx`/`.p12` file." },
@@ -57,9 +57,14 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "MAILBOX_PASSWORD_NAME", type: "string", authMethods: ["password"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the mailbox password." },
   { name: "SMTP_HOST", type: "string", default: "smtp.office365.com", defaultFor: { "google-service-account": "smtp.gmail.com" }, description: "SMTP submission server." },
   { name: "SMTP_PORT", type: "integer", default: "587", min: 1, description: "SMTP port; STARTTLS is required." },
-  { name: "SMTP_USER", type: "string", requiredFor: ["send"], description: "Mailbox the app signs in as (XOAUTH2 `user=`); messages are sent from it." },
+  { name: "SMTP_USER", type: "string", requiredFor: ["send"], description: "Mailbox the app signs in as (XOAUTH2 `user=`, or the Graph user it sends as); messages are sent from it. `MAILBOX` is an alias." },
+  { name: "MAILBOX", type: "string", description: "Alias of `SMTP_USER` (clearer with `TRANSPORT=graph`); if both are set they must be equal." },
+  { name: "TRANSPORT", type: "enum", default: "smtp", values: ["smtp", "graph"], description: "How messages leave: SMTP submission with XOAUTH2, or Microsoft Graph `sendMail` (application permission Mail.Send; no 30-per-minute cap)." },
+  { name: "GRAPH_URL", type: "url", default: "https://graph.microsoft.com", description: "Microsoft Graph endpoint for `TRANSPORT=graph` (national clouds have their own). Plain http is refused except on loopback." },
+  { name: "GRAPH_MAX_CONCURRENCY", type: "integer", default: "4", min: 1, description: "Graph requests in flight per mailbox, held across instances (Graph allows 4)." },
+  { name: "DAILY_RECIPIENT_LIMIT", type: "integer", default: "10000", min: 0, description: "Recipients per mailbox per 24 hours, counted across instances (Exchange Online: 10,000); past it messages wait, nothing is poisoned. 0 turns the count off." },
   { name: "SMTP_MAX_CONNECTIONS", type: "integer", default: "3", min: 1, description: "Pooled SMTP connections per process (Exchange allows 3 per mailbox)." },
-  { name: "SEND_RATE_PER_MINUTE", type: "integer", default: "30", min: 0, description: "Messages per minute per mailbox from this process (Exchange: 30); 0 turns the limit off." },
+  { name: "SEND_RATE_PER_MINUTE", type: "integer", default: "30", min: 0, description: "Messages per minute per mailbox, held across instances (Exchange SMTP: 30); 0 turns the limit off. With `TRANSPORT=graph` the default is 0 (Graph has no per-minute cap)." },
   { name: "SEND_RATE_WINDOW_SECONDS", type: "integer", default: "60", min: 1, description: "The window `SEND_RATE_PER_MINUTE` is counted over (Exchange: a minute). Change only for servers that count differently, or to scale a test down." },
   { name: "MAX_DEQUEUE_COUNT", type: "integer", default: "5", min: 1, description: "Attempts before a message is poisoned; keep equal to `maxDequeueCount` in host.json." },
   { name: "LEASE_SECONDS", type: "integer", default: "60", min: 5, description: "Worker: how long a taken message stays hidden while it is being sent." },
@@ -160,12 +165,25 @@ export interface MessagePolicy {
   sendLedger: boolean;
 }
 
+export type TransportKind = "smtp" | "graph";
+
+export interface GraphConfig {
+  /** Without a trailing slash. */
+  url: string;
+  maxConcurrency: number;
+}
+
 export interface SendConfig {
   storage: StorageConfig;
   mailFrom: string;
   messages: MessagePolicy;
   auth: AuthConfig;
+  transport: TransportKind;
+  /** The mailbox (`user`), rate limit and SMTP server; the mailbox and rate apply to Graph too. */
   smtp: SmtpConfig;
+  graph: GraphConfig;
+  /** Recipients per mailbox per 24 hours across instances; 0 means not counted. */
+  dailyRecipientLimit: number;
   queue: QueuePolicy;
 }
 
@@ -194,6 +212,8 @@ class SettingReader {
   readonly problems: Array<{ setting: string; problem: string }> = [];
   /** Set once AUTH_METHOD is read: per-method defaults apply from then on. */
   method: AuthMethod | undefined;
+  /** Defaults decided by other settings (TRANSPORT), ahead of the declared ones. */
+  readonly defaults = new Map<string, string>();
   constructor(private readonly env: Env) {}
 
   private spec(name: string): SettingSpec {
@@ -206,7 +226,7 @@ class SettingReader {
     const value = this.env[name]?.trim();
     const spec = this.spec(name);
     if (spec.secret) registerSecret(value);
-    const fallback = (this.method === undefined ? undefined : spec.defaultFor?.[this.method]) ?? spec.default;
+    const fallback = this.defaults.get(name) ?? (this.method === undefined ? undefined : spec.defaultFor?.[this.method]) ?? spec.default;
     return value === "" || value === undefined ? fallback : value;
   }
 
@@ -383,9 +403,25 @@ export function loadSendConfig(env: Env): SendConfig {
   const storage = storageConfig(reader);
   const method = reader.oneOf<AuthMethod>("AUTH_METHOD");
   if (AUTH_METHODS.includes(method)) reader.method = method;
-  const smtpUser = reader.required("SMTP_USER", method === "google-service-account"
-    ? "Set it to the Workspace user the service account sends as (the assertion's `sub`; domain-wide delegation must allow it)."
-    : "Set it to the mailbox address the app sends as (it needs SMTP AUTH enabled and a FullAccess grant for the app's service principal).");
+  const transport = reader.oneOf<TransportKind>("TRANSPORT");
+  const mailboxAlias = reader.raw("MAILBOX");
+  const smtpUser = reader.raw("SMTP_USER") === undefined && mailboxAlias
+    ? mailboxAlias
+    : reader.required("SMTP_USER", method === "google-service-account"
+      ? "Set it to the Workspace user the service account sends as (the assertion's `sub`; domain-wide delegation must allow it)."
+      : "Set it to the mailbox address the app sends as (for SMTP it needs SMTP AUTH enabled and a FullAccess grant for the app's service principal).");
+  if (mailboxAlias && mailboxAlias.toLowerCase() !== smtpUser.toLowerCase()) {
+    reader.problems.push({ setting: "MAILBOX", problem: `is "${mailboxAlias}" but SMTP_USER is "${smtpUser}". MAILBOX is an alias of SMTP_USER: set one of them, or both to the same mailbox.` });
+  }
+  const graphUrl = reader.url("GRAPH_URL", reader.raw("GRAPH_URL"), { allowLoopbackHttp: true }).replace(/\/+$/, "");
+  if (transport === "graph") {
+    if (method === "google-service-account") {
+      reader.problems.push({ setting: "TRANSPORT", problem: "is graph, which sends through Microsoft Graph, but AUTH_METHOD=google-service-account yields a Google token. Use TRANSPORT=smtp (smtp.gmail.com) with Google, or a Microsoft AUTH_METHOD with Graph." });
+    }
+    // Graph wants a token for Graph, not for Exchange SMTP.
+    if (!env["TOKEN_SCOPE"]?.trim()) reader.defaults.set("TOKEN_SCOPE", method === "password" ? `${graphUrl}/Mail.Send` : `${graphUrl}/.default`);
+    if (!env["SEND_RATE_PER_MINUTE"]?.trim()) reader.defaults.set("SEND_RATE_PER_MINUTE", "0");
+  }
   const auth = authConfig(reader, env, method, smtpUser);
   const smtp: SmtpConfig = {
     host: reader.raw("SMTP_HOST") ?? "",
@@ -395,6 +431,8 @@ export function loadSendConfig(env: Env): SendConfig {
     ratePerMinute: reader.integer("SEND_RATE_PER_MINUTE"),
     rateWindowSeconds: reader.integer("SEND_RATE_WINDOW_SECONDS"),
   };
+  const graph: GraphConfig = { url: graphUrl, maxConcurrency: reader.integer("GRAPH_MAX_CONCURRENCY") };
+  const dailyRecipientLimit = reader.integer("DAILY_RECIPIENT_LIMIT");
   const queue: QueuePolicy = {
     maxDequeueCount: reader.integer("MAX_DEQUEUE_COUNT"),
     leaseSeconds: reader.integer("LEASE_SECONDS"),
@@ -408,7 +446,7 @@ export function loadSendConfig(env: Env): SendConfig {
     sendLedger: reader.oneOf<"true" | "false">("SEND_LEDGER") === "true",
   };
   reader.throwIfProblems();
-  return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, messages, auth, smtp, queue };
+  return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, messages, auth, transport, smtp, graph, dailyRecipientLimit, queue };
 }
 
 export interface ExpiryConfig {
