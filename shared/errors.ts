@@ -3,9 +3,11 @@
 //   transient  → retry later (network, 4xx SMTP, token endpoint 5xx/429)
 //   permanent  → the message itself is at fault: poison it now, retrying cannot help
 //   config     → our setup is wrong (credentials, permissions): not the message's fault
+//   deferred   → the mailbox may not send now (a server's throttle, the daily recipient budget):
+//                neither the message's fault nor our setup's; it waits without using an attempt
 import { redact } from "./redact.js";
 
-export type ErrorKind = "transient" | "permanent" | "config";
+export type ErrorKind = "transient" | "permanent" | "config" | "deferred";
 
 export interface MailerErrorOptions {
   kind: ErrorKind;

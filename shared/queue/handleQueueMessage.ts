@@ -31,9 +31,9 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
   const { sender, logger, policy, circuit } = deps;
   let id = meta.queueMessageId;
   const where = () => ({ id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount });
-  const wait = (error: MailerError): Outcome => ({
+  const wait = (error: MailerError, afterSeconds = Math.ceil(circuit.msUntilProbe() / 1000)): Outcome => ({
     status: "wait",
-    afterSeconds: Math.max(1, Math.ceil(circuit.msUntilProbe() / 1000)),
+    afterSeconds: Math.max(1, afterSeconds),
     error,
     freshCopy: meta.dequeueCount >= policy.maxDequeueCount - 1,
   });
@@ -68,9 +68,16 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
     }
     if (attempted) {
       // A permanent failure is the message's own (the server judged the message, so the setup
-      // works); a transient one says nothing about the setup: probe again after a backoff.
+      // works); a transient or deferred one says nothing about the setup: probe again after a
+      // backoff.
       if (error.kind === "permanent") circuit.close();
       else circuit.probeFailed(error);
+    }
+    if (error.kind === "deferred") {
+      // The mailbox may not send now (throttled, daily budget spent): wait as long as asked,
+      // without using up an attempt and without poisoning, whatever the dequeue count.
+      logger.log("info", "message.deferred", { ...where(), afterSeconds: error.retryAfterSeconds, code: error.code });
+      return wait(error, error.retryAfterSeconds ?? policy.retryBaseSeconds);
     }
     const lastAttempt = meta.dequeueCount >= policy.maxDequeueCount;
     if (error.kind === "permanent" || lastAttempt) {
