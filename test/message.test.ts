@@ -157,8 +157,9 @@ const invalidCases: InvalidCase[] = [
   { name: "LF in id", message: message({ id: "order-42\n" }), code: "MESSAGE_HEADER_INJECTION", field: "id" },
 
   // Addresses
-  { name: "two addresses in one to string", message: message({ to: "a@b.example, c@d.example" }), code: "MESSAGE_INVALID_ADDRESS", field: "to", text: /found 2/ },
-  { name: "a group in one to string", message: message({ to: "Team: a@b.example, c@d.example;" }), code: "MESSAGE_INVALID_ADDRESS", field: "to", text: /found 2/ },
+  // Issue 15: the wording changed with the strict parser (it names what was found, not a count).
+  { name: "two addresses in one to string", message: message({ to: "a@b.example, c@d.example" }), code: "MESSAGE_INVALID_ADDRESS", field: "to", text: /more than one address/ },
+  { name: "a group in one to string", message: message({ to: "Team: a@b.example, c@d.example;" }), code: "MESSAGE_INVALID_ADDRESS", field: "to", text: /group syntax/ },
   { name: "not-an-address", message: message({ to: "not-an-address" }), code: "MESSAGE_INVALID_ADDRESS", field: "to" },
   { name: "a@ (no domain)", message: message({ to: "a@" }), code: "MESSAGE_INVALID_ADDRESS", field: "to" },
   { name: "@b.com (no local part)", message: message({ to: "@b.com" }), code: "MESSAGE_INVALID_ADDRESS", field: "to" },
@@ -270,8 +271,8 @@ describe("validateMessage: valid messages", () => {
   test("minimal {to, subject, text} is normalised with defaults", () => {
     assert.deepEqual(validateMessage(message(), DEFAULTS), {
       id: DEFAULTS.id,
-      from: DEFAULTS.from,
-      to: ["ada@example.com"],
+      from: { name: "Queue Mailer", address: "noreply@contoso.test" },
+      to: [{ name: "", address: "ada@example.com" }],
       cc: [],
       bcc: [],
       replyTo: [],
@@ -288,25 +289,26 @@ describe("validateMessage: valid messages", () => {
     assert.equal("text" in result, false);
   });
 
-  test("address arrays are kept as written, in order", () => {
+  // Issue 15: addresses come back parsed ({ name, address }, what is sent), no longer as written.
+  test("address arrays are parsed into mailboxes, in order", () => {
     const result = validateMessage(
       message({ to: ["ada@example.com", "Alan Turing <alan@example.com>"], cc: ["grace@example.com"], bcc: "audit@example.com", replyTo: ["support@example.com"] }),
       DEFAULTS,
     );
-    assert.deepEqual(result.to, ["ada@example.com", "Alan Turing <alan@example.com>"]);
-    assert.deepEqual(result.cc, ["grace@example.com"]);
-    assert.deepEqual(result.bcc, ["audit@example.com"]);
-    assert.deepEqual(result.replyTo, ["support@example.com"]);
+    assert.deepEqual(result.to, [{ name: "", address: "ada@example.com" }, { name: "Alan Turing", address: "alan@example.com" }]);
+    assert.deepEqual(result.cc, [{ name: "", address: "grace@example.com" }]);
+    assert.deepEqual(result.bcc, [{ name: "", address: "audit@example.com" }]);
+    assert.deepEqual(result.replyTo, [{ name: "", address: "support@example.com" }]);
   });
 
   test('a quoted comma in a display name is ONE address: "Hopper, Grace" <grace@example.com>', () => {
     const to = '"Hopper, Grace" <grace@example.com>';
-    assert.deepEqual(validateMessage(message({ to }), DEFAULTS).to, [to]);
+    assert.deepEqual(validateMessage(message({ to }), DEFAULTS).to, [{ name: "Hopper, Grace", address: "grace@example.com" }]);
   });
 
   test("from defaults to defaults.from; an explicit from wins", () => {
-    assert.equal(validateMessage(message(), DEFAULTS).from, DEFAULTS.from);
-    assert.equal(validateMessage(message({ from: "billing@contoso.test" }), DEFAULTS).from, "billing@contoso.test");
+    assert.deepEqual(validateMessage(message(), DEFAULTS).from, { name: "Queue Mailer", address: "noreply@contoso.test" });
+    assert.deepEqual(validateMessage(message({ from: "billing@contoso.test" }), DEFAULTS).from, { name: "", address: "billing@contoso.test" });
   });
 
   test("id defaults to defaults.id; an explicit id wins", () => {
@@ -449,7 +451,7 @@ describe("decodeQueueText", () => {
   test("end to end: base64 queue text → validated message", () => {
     const result = parseMessage(decodeQueueText(base64(json)), DEFAULTS);
     assert.equal(result.subject, "Grüße 👋");
-    assert.deepEqual(result.to, ["ada@example.com"]);
+    assert.deepEqual(result.to, [{ name: "", address: "ada@example.com" }]);
   });
 
   test("end to end: base64 of non-JSON fails as MESSAGE_NOT_JSON on the text as received", () => {

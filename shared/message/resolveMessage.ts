@@ -2,11 +2,12 @@
 // claim check to its blob, validates, applies the recipient sandbox, loads attachment blobs and
 // enforces MAX_MESSAGE_BYTES. Blobs are read by name from one container only (no URLs: no SSRF).
 import type { ContainerClient } from "@azure/storage-blob";
-import addressparser from "nodemailer/lib/addressparser";
 import type { MessagePolicy } from "../config.js";
-import { MailerError } from "../errors.js";
+import { ConfigError, MailerError } from "../errors.js";
 import { decodeQueueText } from "../queue/decode.js";
 import { statusOf } from "../storage/storageClients.js";
+import { asciiDomainOf, canonicalDomain } from "./address.js";
+import { parseClaimCheckJson } from "./claimCheckJson.js";
 import type { EmailMessage } from "./schema.js";
 import { MessageError, checkBlobName, validateMessage } from "./validate.js";
 
@@ -55,10 +56,51 @@ function parseJson(text: string, what: string): unknown {
   }
 }
 
-function domainOf(address: string): string {
-  // The address nodemailer will send to (RCPT TO), parsed exactly as nodemailer parses it.
-  const spec = addressparser(address, { flatten: true })[0]?.address ?? "";
-  return spec.slice(spec.lastIndexOf("@") + 1).toLowerCase();
+/**
+ * ALLOWED_RECIPIENT_DOMAINS in the form recipients are compared in: A-labels, lower case. An
+ * entry that is not a domain by the same rules as addresses is our setup's fault, not the
+ * message's: a config error (the circuit opens, nothing is poisoned).
+ */
+function allowedDomainSet(entries: string[]): Set<string> {
+  const allowed = new Set<string>();
+  const problems: string[] = [];
+  for (const entry of entries) {
+    const canonical = canonicalDomain(entry);
+    if ("reason" in canonical) problems.push(canonical.reason);
+    else allowed.add(canonical.ascii);
+  }
+  if (problems.length > 0) {
+    throw new ConfigError([{ setting: "ALLOWED_RECIPIENT_DOMAINS", problem: `${problems.join("; ")}. Give a comma list of domain names, e.g. example.com,münchen.de` }]);
+  }
+  return allowed;
+}
+
+/**
+ * Reads and validates the message itself (following a claim check). A function of its own so
+ * that the parsed JSON, which holds every attachment as base64, is garbage once the validated
+ * message (with decoded attachments) exists.
+ */
+async function loadMessage(
+  text: string,
+  defaults: { from: string; id: string },
+  policy: MessagePolicy,
+  attachments: () => Promise<ContainerClient>,
+): Promise<ResolvedMessage> {
+  const queued = parseJson(decodeQueueText(text), "message");
+  if (!isClaimCheck(queued)) return { message: validateMessage(queued, defaults) };
+  if (typeof queued.claimCheck !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", "claimCheck must be a blob name (string)", "claimCheck");
+  const claimCheckBlob = checkBlobName("claimCheck", queued.claimCheck);
+  // The blob holds attachments as base64 (4/3 of their size) plus JSON: allow for that here;
+  // the exact decoded-size check below still applies. Read into one buffer of the blob's size and
+  // never made one string: large attachment content is decoded from its bytes (claimCheckJson.ts).
+  const body = await readBlob(await attachments(), claimCheckBlob, "claimCheck", policy.maxMessageBytes * 2 + 64 * 1024);
+  let json: unknown;
+  try {
+    json = parseClaimCheckJson(body);
+  } catch (error) {
+    throw new MessageError("MESSAGE_NOT_JSON", `claim-check blob "${claimCheckBlob}" is not valid JSON: ${(error as Error).message}`);
+  }
+  return { message: validateMessage(json, defaults), claimCheckBlob };
 }
 
 export async function resolveMessage(
@@ -67,23 +109,16 @@ export async function resolveMessage(
   policy: MessagePolicy,
   attachments: () => Promise<ContainerClient>,
 ): Promise<ResolvedMessage> {
-  let json = parseJson(decodeQueueText(text), "message");
-  let claimCheckBlob: string | undefined;
-  if (isClaimCheck(json)) {
-    if (typeof json.claimCheck !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", "claimCheck must be a blob name (string)", "claimCheck");
-    claimCheckBlob = checkBlobName("claimCheck", json.claimCheck);
-    // The blob holds attachments as base64 (4/3 of their size) plus JSON: allow for that here;
-    // the exact decoded-size check below still applies.
-    const body = await readBlob(await attachments(), claimCheckBlob, "claimCheck", policy.maxMessageBytes * 2 + 64 * 1024);
-    json = parseJson(body.toString("utf8"), `claim-check blob "${claimCheckBlob}"`);
-  }
-  const message = validateMessage(json, defaults);
+  const { message, claimCheckBlob } = await loadMessage(text, defaults, policy, attachments);
 
   if (policy.allowedRecipientDomains.length > 0) {
+    const allowed = allowedDomainSet(policy.allowedRecipientDomains);
     for (const [field, list] of [["to", message.to], ["cc", message.cc], ["bcc", message.bcc]] as const) {
-      const outside = list.find((address) => !policy.allowedRecipientDomains.includes(domainOf(address)));
+      // The parsed address is what goes into RCPT TO, so the sandbox judges exactly what is sent.
+      const index = list.findIndex((mailbox) => !allowed.has(asciiDomainOf(mailbox.address)));
+      const outside = list[index];
       if (outside !== undefined) {
-        throw new MessageError("MESSAGE_RECIPIENT_NOT_ALLOWED", `${field}: ${JSON.stringify(outside.slice(0, 200))} is outside ALLOWED_RECIPIENT_DOMAINS (${policy.allowedRecipientDomains.join(", ")})`, field);
+        throw new MessageError("MESSAGE_RECIPIENT_NOT_ALLOWED", `${field}[${index}]: ${JSON.stringify(outside.address)} is outside ALLOWED_RECIPIENT_DOMAINS (${policy.allowedRecipientDomains.join(", ")})`, `${field}[${index}]`);
       }
     }
   }

@@ -1,13 +1,19 @@
 // Schema v1 of a queue message. Producers can validate against the published copy in
 // schema/email-message.v1.json (kept equal to this object by a test); validateMessage adds the
 // checks JSON Schema cannot express (addresses, header injection, base64, recipient count).
+import type { Mailbox } from "./address.js";
+
 export const MAX_RECIPIENTS = 500;
 export const MAX_ID_LENGTH = 256;
 
+// JSON Schema cannot express the address grammar; validateMessage enforces it (shared/message/address.ts).
+const mailboxDescription =
+  "Exactly one mailbox: a@example.com or Display Name <a@example.com> (quote a name holding . , : ; @ or parentheses). Refused: several addresses, groups, comments, quoted local parts, IP literals. See README, 'The message'.";
+
 const addressList = {
   oneOf: [
-    { type: "string", minLength: 1, description: "One address; a quoted display name may contain a comma." },
-    { type: "array", minItems: 1, items: { type: "string", minLength: 1 } },
+    { type: "string", minLength: 1, description: mailboxDescription },
+    { type: "array", minItems: 1, items: { type: "string", minLength: 1, description: mailboxDescription } },
   ],
 } as const;
 
@@ -21,7 +27,7 @@ export const emailMessageSchema = {
   anyOf: [{ required: ["text"] }, { required: ["html"] }],
   properties: {
     id: { type: "string", minLength: 1, maxLength: MAX_ID_LENGTH, description: "Idempotency key; defaults to the queue message id." },
-    from: { type: "string", minLength: 1, description: "Defaults to MAIL_FROM." },
+    from: { type: "string", minLength: 1, description: `Defaults to MAIL_FROM. ${mailboxDescription}` },
     to: addressList,
     cc: addressList,
     bcc: addressList,
@@ -84,14 +90,14 @@ export interface EmailAttachment {
   blob?: string;
 }
 
-/** A validated message, normalised for sending. */
+/** A validated message, normalised for sending. Addresses are parsed mailboxes, sent as they are. */
 export interface EmailMessage {
   id: string;
-  from: string;
-  to: string[];
-  cc: string[];
-  bcc: string[];
-  replyTo: string[];
+  from: Mailbox;
+  to: Mailbox[];
+  cc: Mailbox[];
+  bcc: Mailbox[];
+  replyTo: Mailbox[];
   subject: string;
   text?: string;
   html?: string;

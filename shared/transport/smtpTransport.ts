@@ -1,14 +1,18 @@
 // SMTP submission with XOAUTH2 through one pooled nodemailer transport per process: connections
 // are opened once and reused across messages and invocations, and each new connection asks the
 // TokenProvider for the (shared, cached) token through nodemailer's oauth2 provisioning hook.
-import { createHash } from "node:crypto";
 import { connect, type Socket } from "node:net";
+import { Readable } from "node:stream";
 import nodemailer from "nodemailer";
+import SMTPConnection from "nodemailer/lib/smtp-connection";
 import type { SmtpConfig } from "../config.js";
 import type { Logger } from "../log.js";
+import { needsSmtpUtf8, type Mailbox } from "../message/address.js";
 import type { EmailMessage } from "../message/schema.js";
+import { MessageError } from "../message/validate.js";
 import type { TokenProvider } from "../token/tokenProvider.js";
 import { toMailerError } from "../errors.js";
+import { mailOptionsFor } from "./mailOptions.js";
 import { classifySmtpError } from "./smtpErrors.js";
 import type { SendResult, Transport } from "./transport.js";
 import type { ConnectionSlots } from "../send/connectionSlots.js";
@@ -18,14 +22,8 @@ export interface SmtpTransportStats {
   tokenRenewals: number;
 }
 
-/**
- * Message-ID from the message's idempotency key, so a duplicate that slips through carries the same
- * Message-ID and mail servers and clients can recognise it.
- */
-export function messageIdFor(id: string, mailbox: string): string {
-  const domain = mailbox.split("@")[1] ?? "queue-mailer.invalid";
-  return `<qm.${createHash("sha256").update(id).digest("base64url").slice(0, 32)}@${domain}>`;
-}
+// The Message-ID is derived from the message id; it lives with the MIME mapping both transports share.
+export { messageIdFor } from "./mailOptions.js";
 
 /**
  * Opens the TCP connection itself once a cross-instance connection slot is held, and frees the
@@ -52,6 +50,73 @@ function slotBoundSocket(slots: ConnectionSlots) {
       (error: unknown) => callback(error as Error),
     );
   };
+}
+
+/**
+ * The first address of the message that needs SMTPUTF8 (a non-ASCII local part), named by field
+ * and index as validation names them in arrays.
+ */
+function firstSmtpUtf8Address(message: EmailMessage): { field: string; mailbox: Mailbox } | undefined {
+  if (needsSmtpUtf8(message.from)) return { field: "from", mailbox: message.from };
+  for (const [field, list] of [["to", message.to], ["cc", message.cc], ["bcc", message.bcc], ["replyTo", message.replyTo]] as const) {
+    const index = list.findIndex(needsSmtpUtf8);
+    const mailbox = list[index];
+    if (mailbox !== undefined) return { field: `${field}[${index}]`, mailbox };
+  }
+  return undefined;
+}
+
+const EXTENSIONS_PROBE = "X-QM-EXTENSIONS";
+
+/**
+ * The extensions the server announces after STARTTLS. nodemailer's pool does not expose them, and
+ * it would send a non-ASCII address without the SMTPUTF8 keyword to a server that lacks it, so a
+ * short connection of our own reads them: greeting, EHLO, STARTTLS, EHLO, QUIT. The list is read
+ * through nodemailer's public custom-auth hook, which is handed it; nothing is sent in it. No AUTH,
+ * so no token and no mailbox: it is not one of the mailbox's connections, and takes no
+ * connection slot (the pool may hold them all, idle, for as long as it lives).
+ */
+function announcedExtensions(smtp: SmtpConfig): Promise<string[]> {
+  return new Promise<string[]>((resolve, reject) => {
+    let extensions: string[] = [];
+    const connection = new SMTPConnection({
+      host: smtp.host,
+      port: smtp.port,
+      secure: false,
+      requireTLS: true,
+      connectionTimeout: 30_000,
+      greetingTimeout: 30_000,
+      socketTimeout: 30_000,
+      logger: false,
+      customAuth: {
+        [EXTENSIONS_PROBE]: (context) => {
+          extensions = context.extensions;
+          context.resolve();
+        },
+      },
+    });
+    connection.once("error", reject);
+    connection.connect(() => {
+      connection.login({ method: EXTENSIONS_PROBE }, (error) => {
+        connection.quit();
+        if (error) reject(error);
+        else resolve(extensions);
+      });
+    });
+  });
+}
+
+/**
+ * Attachment bytes as a stream of 48 KiB slices (views, not copies). Given one Buffer, nodemailer's
+ * base64 encoder turns the whole attachment into one string and then one wrapped copy of it at
+ * once (two transient copies of 4/3 its size); slices keep that to one slice at a time.
+ */
+function attachmentStream(content: Buffer): Readable {
+  const slice = 3 * 16 * 1024; // a multiple of 3: base64 of each slice needs no carry-over
+  function* slices(): Generator<Buffer> {
+    for (let offset = 0; offset < content.length; offset += slice) yield content.subarray(offset, offset + slice);
+  }
+  return Readable.from(slices(), { objectMode: false });
 }
 
 export function createSmtpTransport(
@@ -86,20 +151,31 @@ export function createSmtpTransport(
     );
   });
 
+  // Whether the server announces SMTPUTF8: asked once per transport, when a message first needs it.
+  let smtpUtf8Announced: Promise<boolean> | undefined;
+  function serverAnnouncesSmtpUtf8(): Promise<boolean> {
+    smtpUtf8Announced ??= announcedExtensions(smtp).then(
+      (extensions) => extensions.includes("SMTPUTF8"),
+      (error: unknown) => {
+        smtpUtf8Announced = undefined; // not known: ask again next time
+        throw error;
+      },
+    );
+    return smtpUtf8Announced;
+  }
+
   async function sendOnce(message: EmailMessage): Promise<SendResult> {
-    const info = await transporter.sendMail({
-      messageId: messageIdFor(message.id, smtp.user),
-      from: message.from,
-      to: message.to,
-      cc: message.cc,
-      bcc: message.bcc,
-      replyTo: message.replyTo,
-      subject: message.subject,
-      headers: message.headers,
-      attachments: message.attachments.map((a) => ({ filename: a.filename, content: a.content ?? Buffer.alloc(0), ...(a.contentType === undefined ? {} : { contentType: a.contentType }) })),
-      ...(message.text === undefined ? {} : { text: message.text }),
-      ...(message.html === undefined ? {} : { html: message.html }),
-    });
+    const international = firstSmtpUtf8Address(message);
+    if (international !== undefined && !(await serverAnnouncesSmtpUtf8())) {
+      throw new MessageError(
+        "MESSAGE_INVALID_ADDRESS",
+        `${international.field} ${JSON.stringify(international.mailbox.address)} has a non-ASCII local part, which needs the SMTPUTF8 extension (RFC 6531); ${smtp.host}:${smtp.port} does not announce it`,
+        international.field,
+      );
+    }
+    // Parsed mailboxes, never the strings the producer wrote: nodemailer gets nothing to re-parse,
+    // so RCPT TO and the headers carry exactly the addresses validation accepted.
+    const info = await transporter.sendMail(mailOptionsFor(message, smtp.user, attachmentStream));
     const addresses = (list: unknown) => (list as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address));
     // Some recipients refused while others took it: the message counts as sent, so the refusals
     // (a 4xx deferral too, which is not retried for one recipient alone) are logged with the reply.
