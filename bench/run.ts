@@ -159,7 +159,7 @@ async function main(): Promise<void> {
   const ca = readFileSync(stack.caPath, "utf8");
   const results: Record<string, unknown> = {};
   try {
-    const base = { ...stack.env, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
+    const base = { ...stack.env, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", DAILY_RECIPIENT_LIMIT: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
     const storageFor = (queue: string) => loadStorageConfig({ ...base, MAIL_QUEUE: queue });
 
     // rawQueue: receive and delete with the worker's pipelining (a receive of BATCH whenever fewer

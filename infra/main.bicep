@@ -183,7 +183,9 @@ var deploymentContainer = 'app-package'
 // smtpconnections (shared/send/connectionSlots.ts CONNECTION_TABLE). The code creates them if
 // they are missing; creating them here makes the account complete before the first message.
 var appTables = [
+  'dailyrecipients'
   'expiryalerts'
+  'mailboxpause'
   'sendledger'
   'sendrate'
   'smtpconnections'

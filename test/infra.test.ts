@@ -8,6 +8,8 @@ import { describe, it } from "node:test";
 import { settingSpecs } from "../shared/config.js";
 import { ALERT_TABLE } from "../shared/expiry/alertLedger.js";
 import { CONNECTION_TABLE } from "../shared/send/connectionSlots.js";
+import { DAILY_RECIPIENT_TABLE } from "../shared/send/dailyRecipientBudget.js";
+import { MAILBOX_PAUSE_TABLE } from "../shared/send/mailboxPause.js";
 import { RATE_TABLE } from "../shared/send/rateLimiter.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
 
@@ -240,7 +242,7 @@ describe("infra/main.bicep resources", () => {
 
   it("creates every table the code uses", () => {
     const tables = /^var appTables = \[([\s\S]*?)\]/m.exec(bicep)?.[1] ?? "";
-    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE]) {
+    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE, MAILBOX_PAUSE_TABLE, DAILY_RECIPIENT_TABLE]) {
       assert.match(tables, new RegExp(`'${table}'`), `table ${table}`);
     }
     const [block] = resourceBlock("Microsoft.Storage/storageAccounts/tableServices/tables");

@@ -1,15 +1,18 @@
 // Everything the sender talks to, on loopback, with real protocols: Azurite for the queue, an
 // OAuth server (oidc-provider) that verifies our client credentials (certificate assertions, client
 // secrets, the password grant), and an SMTP server that
-// requires STARTTLS and XOAUTH2 and checks the token it gets. Used by `npm run local`, the tests
-// and the benchmark. `env` holds the settings that point the sender at it.
+// requires STARTTLS and XOAUTH2 and checks the token it gets. With `transport: "graph"` also a
+// Microsoft Graph mail double (HTTPS, same CA) that checks Graph tokens from the same OAuth server.
+// Used by `npm run local`, the tests and the benchmark. `env` holds the settings that point the
+// sender at it.
 import { randomBytes } from "node:crypto";
 import { mkdirSync, writeFileSync } from "node:fs";
 import type { AuthMethod } from "../../shared/config.js";
 import { join, resolve } from "node:path";
 import { startAzurite, type Azurite } from "./azurite.js";
 import { ensureCertificateAuthority, issueCertificate, type CertificateAndKey } from "./devCertificates.js";
-import { startOAuthServer, type OAuthServer } from "./oauthServer.js";
+import { startOAuthServer, GRAPH_RESOURCE, type OAuthServer } from "./oauthServer.js";
+import { startGraphMailServer, type GraphMailServer } from "./graphMailServer.js";
 import { GOOGLE_MAIL_SCOPE, startGoogleTokenServer, type GoogleServiceAccountKeyJson, type GoogleTokenServer } from "./googleTokenServer.js";
 import { startSmtpSink, type SmtpSink, type SmtpSinkOptions } from "./smtpSink.js";
 
@@ -35,6 +38,11 @@ export interface LocalStackOptions {
   clientCertificate?: CertificateAndKey;
   /** Which AUTH_METHOD `env` is set up for (default certificate); the local servers accept it. */
   authMethod?: AuthMethod;
+  /**
+   * How `env` sends (default smtp). "graph": TRANSPORT=graph, GRAPH_URL pointing at the Graph
+   * double and TOKEN_SCOPE for Graph; the SMTP sink runs as well.
+   */
+  transport?: "smtp" | "graph";
 }
 
 export interface LocalStack {
@@ -50,6 +58,12 @@ export interface LocalStack {
    * https://mail.google.com/ for LOCAL_MAILBOX. The SMTP sink checks tokens with this server.
    */
   google?: { server: GoogleTokenServer; key: GoogleServiceAccountKeyJson; keyPath: string };
+  /**
+   * transport "graph" only: the Microsoft Graph mail double (GRAPH_URL in `env`), which knows
+   * LOCAL_MAILBOX and accepts tokens the OAuth server issued for Graph (app-only: Mail.Send and
+   * Mail.ReadWrite consented; delegated: the scopes the password grant asked for).
+   */
+  graph?: GraphMailServer;
   /** Settings for the sender (worker or function). */
   env: Record<string, string>;
   stop(): Promise<void>;
@@ -73,6 +87,18 @@ function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath:
   }
 }
 
+/**
+ * TOKEN_SCOPE for Graph: app-only methods ask for everything consented (`.default`), the password
+ * grant for the delegated permission it uses. Set explicitly because the setting's default is derived
+ * from GRAPH_URL, which here is the double's loopback address, not Graph's resource URI.
+ */
+function graphScope(method: AuthMethod, oauth: OAuthServer): string {
+  if (method === "google-service-account") {
+    throw new Error("transport \"graph\" needs a Microsoft AUTH_METHOD: a Google service account token is not accepted by Microsoft Graph");
+  }
+  return method === "password" ? oauth.graphDelegatedScope : oauth.graphScope;
+}
+
 export async function startLocalStack(options: LocalStackOptions): Promise<LocalStack> {
   const ca = ensureCertificateAuthority(options.caDir);
   mkdirSync(options.workDir, { recursive: true });
@@ -86,6 +112,8 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
   const azurite = await startAzurite({ preferDefaultPorts: options.preferDefaultPorts ?? false });
   let oauth: OAuthServer | undefined;
   let googleServer: GoogleTokenServer | undefined;
+  let graph: GraphMailServer | undefined;
+  let smtpSink: SmtpSink | undefined;
   // Fresh per stack, like a new app secret and a user's password: nothing to leak from the repo,
   // and tests can search logs for the exact values.
   const clientSecret = randomBytes(30).toString("base64url");
@@ -102,6 +130,9 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
         { clientId: LOCAL_PUBLIC_CLIENT_ID, auth: "none" },
       ],
       users: [{ username: LOCAL_MAILBOX, password: mailboxPassword }],
+      // With Graph, admin consent as a Graph sender needs it: Mail.Send for sendMail, Mail.ReadWrite for
+      // the draft and upload session that messages over Graph's 4 MB request limit take.
+      ...(options.transport === "graph" ? { graph: { roles: ["Mail.Send", "Mail.ReadWrite"], delegatedPermissions: ["Mail.Send", "Mail.ReadWrite"] } } : {}),
       ...(options.accessTokenTtlSeconds === undefined ? {} : { accessTokenTtlSeconds: options.accessTokenTtlSeconds }),
     });
     const verifier = oauth;
@@ -118,26 +149,41 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       google = { server: googleServer, key, keyPath };
     }
     const googleVerifier = googleServer;
-    const smtp = await startSmtpSink({
+    const smtp = (smtpSink = await startSmtpSink({
       tls: { key: smtpTls.privateKeyPem, cert: smtpTls.certificatePem },
       // App tokens need SMTP.SendAsApp; delegated ones (password grant) SMTP.Send for this very user;
       // Gmail's are checked by the Google double (subject = the XOAUTH2 user, Gmail scope).
       verifyToken: (user, token) => (googleVerifier ? googleVerifier.verifyAccessToken(token, user) : verifier.verifyAccessToken(token, user)),
       ...(options.outboxDir === undefined ? {} : { outboxDir: options.outboxDir }),
       ...(options.fault === undefined ? {} : { fault: options.fault }),
-    });
+    }));
+    const authMethod = options.authMethod ?? "certificate";
+    let graphSettings: Record<string, string> = {};
+    if (options.transport === "graph") {
+      const scope = graphScope(authMethod, oauth);
+      graph = await startGraphMailServer({
+        tls: { key: smtpTls.privateKeyPem, cert: smtpTls.certificatePem },
+        mailboxes: [LOCAL_MAILBOX],
+        // A Graph token (audience Graph) with the permission the operation needs; a delegated one
+        // only for its own user's mailbox.
+        verifyToken: (token, mailbox, permission) => verifier.verifyAccessToken(token, mailbox, GRAPH_RESOURCE, permission),
+      });
+      graphSettings = { TRANSPORT: "graph", GRAPH_URL: graph.url, TOKEN_SCOPE: scope };
+    }
     const env: Record<string, string> = {
       AzureWebJobsStorage: azurite.connectionString,
       MAIL_QUEUE: "outbound-email",
-      ...authSettings(options.authMethod ?? "certificate", { oauth, certPath, clientSecret, mailboxPassword, ...(google ? { googleKeyPath: google.keyPath } : {}) }),
+      ...authSettings(authMethod, { oauth, certPath, clientSecret, mailboxPassword, ...(google ? { googleKeyPath: google.keyPath } : {}) }),
       SMTP_HOST: "127.0.0.1",
       SMTP_PORT: String(smtp.port),
       SMTP_USER: LOCAL_MAILBOX,
       MAIL_FROM: LOCAL_MAILBOX,
       SEND_RATE_PER_MINUTE: "0",
       RETRY_BASE_SECONDS: "1",
+      ...graphSettings,
     };
     const openedOauth = oauth;
+    const openedGraph = graph;
     return {
       azurite,
       oauth,
@@ -146,13 +192,14 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       caPath: ca.caPath,
       certPath,
       ...(google ? { google } : {}),
+      ...(openedGraph ? { graph: openedGraph } : {}),
       env,
       async stop() {
-        await Promise.allSettled([smtp.close(), openedOauth.close(), googleVerifier?.close(), azurite.stop()]);
+        await Promise.allSettled([smtp.close(), openedGraph?.close(), openedOauth.close(), googleVerifier?.close(), azurite.stop()]);
       },
     };
   } catch (error) {
-    await Promise.allSettled([oauth?.close(), googleServer?.close(), azurite.stop()]);
+    await Promise.allSettled([smtpSink?.close(), graph?.close(), oauth?.close(), googleServer?.close(), azurite.stop()]);
     throw error;
   }
 }

@@ -22,6 +22,7 @@
 //   65001   delegated permission not consented  70011 invalid scope for the password grant
 //   900144  missing parameter (username, password)
 //   1002012 invalid scope (no "/.default")   500011  resource not served here
+//   28000   password-grant scope names more than one resource
 //   70003   unsupported grant type           9002313 other invalid requests; 50000 server errors
 // Stricter than Entra in two ways:
 // - Entra lets msal reuse an assertion until it expires; this server rejects a replayed jti (50013), so
@@ -32,6 +33,21 @@
 //   tests prove which way the secret travelled.
 // Limitation: oidc-provider matches a header `kid` against the registered key, which has none, so
 // assertions must not carry `kid` (msal-node's do not; Entra selects keys by thumbprint only).
+//
+// Resources (the API a token is for, named in the scope): the primary one (`resource`, default
+// Exchange Online, https://outlook.office365.com) and, when the `graph` option is given, Microsoft
+// Graph, so that one app registration gets tokens for SMTP and for Graph `sendMail`, as in Entra.
+// (Without it Graph is "not found in the tenant", AADSTS500011, as before Graph was added.)
+// - Graph can be named by its URI or by its app id (`https://graph.microsoft.com/.default` or
+//   `00000003-0000-0000-c000-000000000000/.default`); the token's `aud` is the form that was asked for
+//   (Entra does the same; both forms are seen in real Graph tokens) and Graph accepts either.
+// - App-only Graph tokens carry `roles` = the Graph application permissions (`graph.roles`, default
+//   Mail.Send); delegated ones `scp` = the requested Graph permissions (`graph.delegatedPermissions`
+//   consented, default Mail.Send; requested as `https://graph.microsoft.com/Mail.Send`).
+// - One token is for one resource: a password-grant scope naming two resources is AADSTS28000.
+// - verifyAccessToken(token, user, resource, permission) says why a token is refused (`problem`):
+//   "invalid" / "expired" / "audience" (a resource server answers 401) or "permission" / "user" (the
+//   token is good but does not allow this: 403).
 import { createHash, generateKeyPairSync, randomUUID, X509Certificate } from "node:crypto";
 import type { KeyObject } from "node:crypto";
 import { createServer } from "node:http";
@@ -84,11 +100,32 @@ export interface OAuthServerOptions {
   roles?: string[];
   /** Default ["SMTP.Send"]: the delegated permissions consented for every client (delegated tokens' `scp`). */
   delegatedPermissions?: string[];
+  /**
+   * Serve Microsoft Graph as a second resource: `roles` are the application permissions admin-consented
+   * for the app (app-only tokens' `roles`, default ["Mail.Send"]), `delegatedPermissions` the delegated
+   * ones consented (default ["Mail.Send"]). Without this option Graph tokens are refused (500011).
+   * Ignored when `resource` is Graph itself.
+   */
+  graph?: { roles?: string[]; delegatedPermissions?: string[] };
   /** Default 3600. */
   accessTokenTtlSeconds?: number;
 }
 
-export type AccessTokenCheck = { ok: true; claims: Record<string, unknown> } | { ok: false; reason: string };
+/**
+ * Why a token is refused: "invalid" (not a JWT, bad signature, wrong issuer), "expired", "audience"
+ * (issued for another resource), which a resource server answers with 401; "permission" (the role or
+ * scope the call needs is missing) and "user" (a delegated token for someone else), answered with 403.
+ */
+export type AccessTokenProblem = "invalid" | "expired" | "audience" | "permission" | "user";
+
+export type AccessTokenCheck = { ok: true; claims: Record<string, unknown> } | { ok: false; reason: string; problem: AccessTokenProblem };
+
+/** Microsoft Graph's resource URI; tokens for it are requested with `${GRAPH_RESOURCE}/.default`. */
+export const GRAPH_RESOURCE = "https://graph.microsoft.com";
+/** Microsoft Graph's app id: the other name of the same resource (`${GRAPH_APP_ID}/.default`). */
+export const GRAPH_APP_ID = "00000003-0000-0000-c000-000000000000";
+/** Graph's permission to send mail as any mailbox (application) or as the signed-in user (delegated). */
+export const GRAPH_MAIL_SEND = "Mail.Send";
 
 /** How a request authenticated its client, as the server saw it. */
 export type SentClientAuthentication = "client_secret_post" | "client_secret_basic" | "private_key_jwt" | "none";
@@ -116,12 +153,18 @@ export interface OAuthServer {
   scope: string;
   /** `${resource}/SMTP.Send`: delegated (password grant). */
   delegatedScope: string;
+  /** `https://graph.microsoft.com/.default`: app-only Graph token. */
+  graphScope: string;
+  /** `https://graph.microsoft.com/Mail.Send`: delegated Graph token (password grant). */
+  graphDelegatedScope: string;
   /**
-   * Signature, iss, aud = resource, exp; then either an app-only token with every configured role, or
-   * a delegated token with `scp` SMTP.Send whose `upn` is `user` (the mailbox signing in; without it a
-   * delegated token is refused, as Exchange refuses a token for another user).
+   * Signature, iss, exp, and aud = `resource` (default: the primary resource; Graph accepts its URI or
+   * app id); then either an app-only token whose `roles` hold `permission`, or a delegated token whose
+   * `scp` holds it and whose `upn` is `user` (the mailbox signing in; without it a delegated token is
+   * refused, as Exchange and Graph refuse a token for another user). Without `permission`: for the
+   * primary resource every configured role (app-only) or SMTP.Send (delegated); for Graph Mail.Send.
    */
-  verifyAccessToken(token: string, user?: string): Promise<AccessTokenCheck>;
+  verifyAccessToken(token: string, user?: string, resource?: string, permission?: string): Promise<AccessTokenCheck>;
   /** Adds or replaces an app registration (rotate or expire a secret). */
   registerClient(client: ClientRegistration): void;
   /** Adds or replaces a user (change a password, require MFA). */
@@ -180,6 +223,7 @@ const AADSTS_TEXT: Record<number, string> = {
   900144: "The request body must contain the following parameter: '{parameter}'.",
   1002012: "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI).",
   500011: "The resource principal was not found in the tenant named {tenant}.",
+  28000: "Provided value for the input parameter scope is not valid because it contains more than one resource. Scope {scope} is not valid.",
   70003: "The app requested an unsupported grant type.",
   9002313: "Invalid request. Request is malformed or invalid.",
   50000: "There was an error issuing a token.",
@@ -265,6 +309,61 @@ const objectIdOf = (username: string) => {
   return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-4${hex.slice(13, 16)}-8${hex.slice(17, 20)}-${hex.slice(20, 32)}`;
 };
 
+/** A resource this server issues tokens for, under each of its names. */
+interface ServedResource {
+  /** The canonical name (Graph: its URI). */
+  name: string;
+  /** Every name a token's `aud` may carry for it. */
+  audiences: string[];
+  /** Application permissions consented: app-only tokens' `roles`. */
+  roles: string[];
+  /** Delegated permissions consented: what the password grant may put in `scp`. */
+  delegatedPermissions: string[];
+  /** What verifyAccessToken wants from an app-only token when no permission is named. */
+  appRequirement: string[];
+  /** What verifyAccessToken wants in a delegated token's `scp` when no permission is named. */
+  delegatedRequirement: string;
+}
+
+/** The primary resource and Graph, looked up by any of their names (Graph's app id in any case). */
+function servedResources(
+  primary: string,
+  primaryPermissions: { roles: string[]; delegatedPermissions: string[] },
+  graph: OAuthServerOptions["graph"],
+): { get(identifier: string): ServedResource | undefined } {
+  const isGraph = (name: string) => name === GRAPH_RESOURCE || name.toLowerCase() === GRAPH_APP_ID;
+  const main: ServedResource = {
+    name: primary,
+    audiences: isGraph(primary) ? [GRAPH_RESOURCE, GRAPH_APP_ID] : [primary],
+    ...primaryPermissions,
+    // Unchanged from before Graph was added: every configured role, or SMTP.Send.
+    appRequirement: primaryPermissions.roles,
+    delegatedRequirement: DELEGATED_SMTP_PERMISSION,
+  };
+  const graphResource: ServedResource | undefined = graph && {
+    name: GRAPH_RESOURCE,
+    audiences: [GRAPH_RESOURCE, GRAPH_APP_ID],
+    roles: graph.roles ?? [GRAPH_MAIL_SEND],
+    delegatedPermissions: graph.delegatedPermissions ?? [GRAPH_MAIL_SEND],
+    appRequirement: [GRAPH_MAIL_SEND],
+    delegatedRequirement: GRAPH_MAIL_SEND,
+  };
+  return {
+    get(identifier) {
+      if (identifier === primary) return main;
+      if (isGraph(identifier)) return isGraph(primary) ? main : graphResource;
+      return undefined;
+    },
+  };
+}
+
+// oidc-provider takes only absolute URIs as resource indicators (RFC 8707), while Entra also names a
+// resource by its bare app id (Graph: 00000003-…/.default). Such a name travels through oidc-provider
+// as this URN and is turned back into the bare id wherever it becomes a token's audience or a lookup.
+const APP_ID_INDICATOR = "urn:local-entra:app-id:";
+const indicatorOf = (identifier: string) => (identifier.includes(":") ? identifier : `${APP_ID_INDICATOR}${identifier}`);
+const identifierOf = (indicator: string) => (indicator.startsWith(APP_ID_INDICATOR) ? indicator.slice(APP_ID_INDICATOR.length) : indicator);
+
 /** Scopes a password-grant request may carry besides resource permissions; they add nothing here. */
 const OIDC_SCOPES = new Set(["openid", "profile", "email", "offline_access"]);
 
@@ -275,6 +374,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const delegatedPermissions = options.delegatedPermissions ?? ["SMTP.Send"];
   const ttl = options.accessTokenTtlSeconds ?? 3600;
   const scope = `${resource}/.default`;
+  const served = servedResources(resource, { roles, delegatedPermissions }, options.graph);
   const tokenPath = `/${tenant}/oauth2/v2.0/token`;
   const jwksPath = `/${tenant}/discovery/v2.0/keys`;
 
@@ -345,7 +445,8 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const issuer = `${origin}/${tenant}/v2.0`;
   const tokenUrl = `${origin}${tokenPath}`;
 
-  const resourceServerInfo = (scopeValue: string) => ({ scope: scopeValue, audience: resource, accessTokenTTL: ttl, accessTokenFormat: "jwt", jwt: { sign: { alg: "RS256" } } });
+  /** `identifier` is the resource as the request named it: it becomes the token's audience. */
+  const resourceServerInfo = (identifier: string, scopeValue: string) => ({ scope: scopeValue, audience: identifier, accessTokenTTL: ttl, accessTokenFormat: "jwt", jwt: { sign: { alg: "RS256" } } });
 
   /**
    * A secret client must send its secret the way it is registered. oidc-provider accepts either way
@@ -390,12 +491,13 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
           if (requested.length !== 1) {
             throw new errors.InvalidScope("scope must be exactly one <resource>/.default value", ctx.oidc.params.scope);
           }
-          return requested[0]!.slice(0, -"/.default".length);
+          return indicatorOf(requested[0]!.slice(0, -"/.default".length));
         },
         // The resource server's scope is what lets the (non-OIDC) ".default" scope through into the token.
         async getResourceServerInfo(_ctx: unknown, indicator: string) {
-          if (indicator !== resource) throw new errors.InvalidTarget(`resource ${indicator} is not served here`);
-          return resourceServerInfo(scope);
+          const identifier = identifierOf(indicator);
+          if (!served.get(identifier)) throw new errors.InvalidTarget(`resource ${identifier} is not served here`);
+          return resourceServerInfo(identifier, `${identifier}/.default`);
         },
         async useGrantedResource() {
           return false;
@@ -404,14 +506,16 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     },
     // App-only tokens from Entra carry roles and appid and no scope claim (Exchange reads roles);
     // delegated ones carry scp and the user (upn, unique_name, oid) and no roles.
-    async extraTokenClaims(ctx: Ctx, token: { clientId: string; gty?: string; accountId?: string }) {
+    async extraTokenClaims(ctx: Ctx, token: { clientId: string; gty?: string; accountId?: string; resourceServer?: { identifier(): string } }) {
       if (token.gty === "password") {
         const user = [...users.values()].find((u) => u.oid === token.accountId);
         const scp = String((token as { scope?: string }).scope ?? "");
         return { scp, upn: user?.username, unique_name: user?.username, oid: token.accountId, appid: token.clientId, azp: token.clientId, tid: tenant };
       }
       assertRegisteredSecretTransport(ctx);
-      return { roles, appid: token.clientId, azp: token.clientId, tid: tenant };
+      // The application permissions consented for the resource this token is for.
+      const target = served.get(identifierOf(token.resourceServer?.identifier() ?? resource));
+      return { roles: target?.roles ?? roles, appid: token.clientId, azp: token.clientId, tid: tenant };
     },
     formats: {
       customizers: {
@@ -455,30 +559,36 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       for (const parameter of ["username", "password", "scope"] as const) {
         if (!params[parameter]) refuse(ctx, 900144, new errors.InvalidRequest(`missing ${parameter}`), { parameter });
       }
+      // "<resource>/<permission>" items (or "<resource>/.default" for every consented permission).
+      const requested = params.scope!.split(" ").filter((s) => s && !OIDC_SCOPES.has(s)).map((item) => {
+        const slash = item.lastIndexOf("/");
+        return { item, resource: slash > 0 ? item.slice(0, slash) : "", permission: slash > 0 ? item.slice(slash + 1) : item };
+      });
+      // The resource the user signs in to (named in MFA answers): the first one the scope names.
+      const identifier = requested.find((r) => r.resource)?.resource ?? resource;
+
       const user = users.get(params.username!.toLowerCase());
       if (!user) refuse(ctx, 50034, new errors.InvalidGrant("unknown user"), { user: params.username! });
       if (user.password !== params.password) refuse(ctx, 50126, new errors.InvalidGrant("wrong password"));
-      if (user.mfa === "required") refuse(ctx, 50076, new errors.InvalidGrant("the user must complete multi-factor authentication"), { resource });
-      if (user.mfa === "registration") refuse(ctx, 50079, new errors.InvalidGrant("the user must register for multi-factor authentication"), { resource });
+      if (user.mfa === "required") refuse(ctx, 50076, new errors.InvalidGrant("the user must complete multi-factor authentication"), { resource: identifier });
+      if (user.mfa === "registration") refuse(ctx, 50079, new errors.InvalidGrant("the user must register for multi-factor authentication"), { resource: identifier });
 
-      // "<resource>/<permission>" items (or "<resource>/.default" for every consented permission).
-      const requested = params.scope!.split(" ").filter((s) => s && !OIDC_SCOPES.has(s));
       const granted = new Set<string>();
-      for (const item of requested) {
-        const slash = item.lastIndexOf("/");
-        const [itemResource, permission] = slash > 0 ? [item.slice(0, slash), item.slice(slash + 1)] : ["", item];
-        if (itemResource !== resource) refuse(ctx, itemResource ? 500011 : 70011, itemResource ? new errors.InvalidTarget(`resource ${itemResource} is not served here`) : new errors.InvalidScope(`scope ${item} names no resource`, item), { scope: item });
-        if (permission === ".default") delegatedPermissions.forEach((p) => granted.add(p));
-        else if (delegatedPermissions.includes(permission)) granted.add(permission);
+      for (const { item, resource: itemResource, permission } of requested) {
+        const target = served.get(itemResource);
+        if (!target) refuse(ctx, itemResource ? 500011 : 70011, itemResource ? new errors.InvalidTarget(`resource ${itemResource} is not served here`) : new errors.InvalidScope(`scope ${item} names no resource`, item), { scope: item });
+        if (target.name !== served.get(identifier)!.name) refuse(ctx, 28000, new errors.InvalidScope(`scope names more than one resource (${identifier}, ${itemResource})`, item), { scope: params.scope! });
+        if (permission === ".default") target.delegatedPermissions.forEach((p) => granted.add(p));
+        else if (target.delegatedPermissions.includes(permission)) granted.add(permission);
         else refuse(ctx, 65001, new errors.InvalidGrant(`delegated permission ${permission} is not consented`));
       }
       if (granted.size === 0) refuse(ctx, 70011, new errors.InvalidScope("no resource permission requested", params.scope!), { scope: params.scope! });
 
       const token = new provider.AccessToken({ accountId: user.oid, client, gty: "password", scope: [...granted].join(" ") });
-      token.resourceServer = new provider.ResourceServer(resource, resourceServerInfo([...granted].join(" ")));
+      token.resourceServer = new provider.ResourceServer(identifier, resourceServerInfo(identifier, [...granted].join(" ")));
       ctx.oidc!.entity("AccessToken", token);
       const accessToken = await token.save();
-      ctx.body = { access_token: accessToken, token_type: "Bearer", expires_in: token.expiration, scope: [...granted].map((p) => `${resource}/${p}`).join(" ") };
+      ctx.body = { access_token: accessToken, token_type: "Bearer", expires_in: token.expiration, scope: [...granted].map((p) => `${identifier}/${p}`).join(" ") };
     },
     ["username", "password", "scope"],
   );
@@ -557,25 +667,32 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     jwksUrl: `${origin}${jwksPath}`,
     scope,
     delegatedScope: `${resource}/${DELEGATED_SMTP_PERMISSION}`,
-    async verifyAccessToken(token, user) {
+    graphScope: `${GRAPH_RESOURCE}/.default`,
+    graphDelegatedScope: `${GRAPH_RESOURCE}/${GRAPH_MAIL_SEND}`,
+    async verifyAccessToken(token, user, forResource = resource, permission) {
+      const target = served.get(forResource);
+      if (!target) return { ok: false, problem: "audience", reason: `resource ${forResource} is not served by this token issuer` };
       let claims: Record<string, unknown>;
       try {
-        ({ payload: claims } = await jwtVerify(token, signingPublicKey, { issuer, audience: resource, algorithms: ["RS256"] }));
+        ({ payload: claims } = await jwtVerify(token, signingPublicKey, { issuer, audience: target.audiences, algorithms: ["RS256"] }));
       } catch (err) {
-        return { ok: false, reason: `access token rejected: ${(err as Error).message}` };
+        const { code, claim } = err as { code?: string; claim?: string };
+        const problem: AccessTokenProblem = code === "ERR_JWT_EXPIRED" ? "expired" : code === "ERR_JWT_CLAIM_VALIDATION_FAILED" && claim === "aud" ? "audience" : "invalid";
+        return { ok: false, problem, reason: `access token rejected: ${(err as Error).message}` };
       }
       if (typeof claims.scp === "string") {
-        // Exchange takes a delegated token only for the mailbox of the user it was issued to.
-        if (!claims.scp.split(" ").includes(DELEGATED_SMTP_PERMISSION)) return { ok: false, reason: `delegated token lacks ${DELEGATED_SMTP_PERMISSION} (scp "${claims.scp}")` };
+        // Exchange and Graph take a delegated token only for the mailbox of the user it was issued to.
+        const needed = permission ?? target.delegatedRequirement;
+        if (!claims.scp.split(" ").includes(needed)) return { ok: false, problem: "permission", reason: `delegated token lacks ${needed} (scp "${claims.scp}")` };
         const tokenUser = typeof claims.upn === "string" ? claims.upn : typeof claims.preferred_username === "string" ? claims.preferred_username : undefined;
-        if (tokenUser === undefined) return { ok: false, reason: "delegated token names no user (upn)" };
-        if (user === undefined) return { ok: false, reason: `delegated token for ${tokenUser}, but no mailbox was given to compare` };
-        if (tokenUser.toLowerCase() !== user.toLowerCase()) return { ok: false, reason: `delegated token is for ${tokenUser}, not ${user}` };
+        if (tokenUser === undefined) return { ok: false, problem: "user", reason: "delegated token names no user (upn)" };
+        if (user === undefined) return { ok: false, problem: "user", reason: `delegated token for ${tokenUser}, but no mailbox was given to compare` };
+        if (tokenUser.toLowerCase() !== user.toLowerCase()) return { ok: false, problem: "user", reason: `delegated token is for ${tokenUser}, not ${user}` };
         return { ok: true, claims };
       }
       const granted = Array.isArray(claims.roles) ? claims.roles : [];
-      const missing = roles.filter((role) => !granted.includes(role));
-      if (missing.length > 0) return { ok: false, reason: `access token lacks role(s) ${missing.join(", ")}` };
+      const missing = (permission === undefined ? target.appRequirement : [permission]).filter((role) => !granted.includes(role));
+      if (missing.length > 0) return { ok: false, problem: "permission", reason: `access token lacks role(s) ${missing.join(", ")}` };
       return { ok: true, claims };
     },
     registerClient,

@@ -33,7 +33,8 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
   const where = () => ({ id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount });
   const wait = (error: MailerError, afterSeconds = Math.ceil(circuit.msUntilProbe() / 1000)): Outcome => ({
     status: "wait",
-    afterSeconds: Math.max(1, afterSeconds),
+    // A queue message can be hidden for at most 7 days.
+    afterSeconds: Math.min(604_800, Math.max(1, afterSeconds)),
     error,
     freshCopy: meta.dequeueCount >= policy.maxDequeueCount - 1,
   });
