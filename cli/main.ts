@@ -13,6 +13,7 @@ import { createMailer } from "../shared/mailer.js";
 import type { EmailMessageInput } from "../shared/message/schema.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { openContainer } from "../shared/storage/storageClients.js";
+import { doctorCommand } from "./doctorCommand.js";
 import { poisonCommand } from "./poisonCommand.js";
 import { runWorker } from "./worker.js";
 
@@ -32,6 +33,12 @@ Usage:
   queue-mailer poison list [--json]   Show poisoned messages with their reasons.
   queue-mailer poison requeue (--id ID ... | --all)
                                       Put poisoned messages back on MAIL_QUEUE after a fix.
+  queue-mailer doctor [--json] [--send-test ADDRESS] [--dns]
+                                      Check the setup step by step (settings, storage, Key Vault,
+                                      credential, token, transport) and print the fix for each
+                                      failure. Takes no queue message; sends mail only with
+                                      --send-test; --dns checks SPF, DKIM and DMARC of the From
+                                      domain. Exits 1 when a step failed, 2 for bad arguments.
   queue-mailer --help                 This text.
 
 Settings come from the environment and from local.settings.json "Values" (environment wins).
@@ -148,6 +155,8 @@ export async function main(argv: string[]): Promise<number> {
         return await expiryCommand(rest);
       case "poison":
         return await poisonCommand(rest);
+      case "doctor":
+        return await doctorCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

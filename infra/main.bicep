@@ -547,6 +547,7 @@ var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 // Settings not set here (read only by `queue-mailer worker`; host.json sets the host's equivalents): LEASE_SECONDS, WORKER_BATCH_SIZE
 // Settings not set here (not used in Azure: identity-based storage and a Key Vault certificate instead): AzureWebJobsStorage, CERT_PATH, CERT_PASSWORD
 // Settings not set here (secrets stay in the vault and are read by name; files are for local runs): CLIENT_SECRET, MAILBOX_PASSWORD, GOOGLE_KEY_PATH
+// Settings not set here (read only by `queue-mailer doctor --dns`, run by an operator): DNS_SERVERS
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {

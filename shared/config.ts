@@ -84,6 +84,7 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "EXPIRY_ALERT_TO", type: "string", description: "Alert email recipients (comma list), enqueued on MAIL_QUEUE like any message. Empty: no email alerts." },
   { name: "EXPIRY_WEBHOOK_URL", type: "url", description: "Incoming webhook (Teams or Slack) that receives alerts as JSON `{ \"text\": … }`. Empty: no webhook.", secret: true },
   { name: "WORKER_BATCH_SIZE", type: "integer", default: "16", min: 1, description: "Worker: messages taken per poll (at most 32), like `batchSize` in host.json." },
+  { name: "DNS_SERVERS", type: "string", description: "`queue-mailer doctor --dns`: DNS servers to ask instead of the system's resolver: comma list of IP addresses with an optional port (`host[:port]`, e.g. `1.1.1.1,127.0.0.1:5353`). Empty: the system's." },
 ];
 
 export interface StorageConfig {
@@ -533,6 +534,20 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
   };
   reader.throwIfProblems();
   return config;
+}
+
+/**
+ * DNS_SERVERS for `queue-mailer doctor --dns`, as `dns.Resolver#setServers` takes them (`host`,
+ * `host:port`, `[v6]:port`); empty means the system's resolver. Throws a ConfigError naming it.
+ */
+export function loadDnsServers(env: Env): string[] {
+  const reader = new SettingReader(env);
+  const servers = (reader.raw("DNS_SERVERS") ?? "").split(",").map((s) => s.trim()).filter(Boolean);
+  const hostPort = /^(?:\d{1,3}(?:\.\d{1,3}){3}(?::\d{1,5})?|\[[0-9a-fA-F:.]+\](?::\d{1,5})?|[0-9a-fA-F:]+:[0-9a-fA-F:.]*)$/;
+  const bad = servers.filter((s) => !hostPort.test(s));
+  if (bad.length > 0) reader.problems.push({ setting: "DNS_SERVERS", problem: `must be a comma list of IP addresses with optional ports (e.g. 1.1.1.1,127.0.0.1:5353 or [::1]:53); got "${bad.join(", ")}"` });
+  reader.throwIfProblems();
+  return servers;
 }
 
 /** The timer's schedule, read at registration time (the Functions host needs it before any run). */

@@ -10,6 +10,7 @@ import type { Logger } from "./log.js";
 import { handleQueueMessage, type QueueMessageMeta } from "./queue/handleQueueMessage.js";
 import { openMailQueues, writePoisonRecord, type MailQueues } from "./queue/mailQueue.js";
 import type { Outcome } from "./queue/outcome.js";
+import { fixContextFor } from "./doctor/fixes.js";
 import { circuitBreaker, type CircuitBreaker } from "./send/circuitBreaker.js";
 import { createSender, type Sender } from "./send/sendEmail.js";
 import { openContainer } from "./storage/storageClients.js";
@@ -29,7 +30,9 @@ export interface Mailer {
 export function createMailer(config: SendConfig, logger: Logger, sender: Sender = createSender(config, logger)): Mailer {
   const getQueues = lazy(() => openMailQueues(config.storage));
   const attachments = lazy<ContainerClient>(() => openContainer(config.storage, config.storage.attachmentContainer));
-  const circuit = circuitBreaker(config.queue, logger);
+  // The circuit's one error line carries the same step and fix as `queue-mailer doctor`, with this
+  // deployment's ids filled in.
+  const circuit = circuitBreaker(config.queue, logger, Date.now, fixContextFor(config));
   return {
     config,
     sender,

@@ -12,6 +12,7 @@
 //                     setup: back off and probe again
 // A probe whose caller vanished (a host timeout, a killed invocation) is given up after
 // `PROBE_TIMEOUT_MS` so that the next invocation may probe.
+import { adviceFor, type FixContext } from "../doctor/fixes.js";
 import type { MailerError } from "../errors.js";
 import type { Logger } from "../log.js";
 
@@ -30,7 +31,11 @@ export interface CircuitBreaker {
   close(): void;
 }
 
-export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSeconds: number }, logger: Logger, now: () => number = Date.now): CircuitBreaker {
+/**
+ * `fixContext`: the ids the `circuit.open` record's fix may fill in (fixContextFor(config) in
+ * shared/doctor/fixes.ts); without it the fix names placeholders such as <CLIENT_ID>.
+ */
+export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSeconds: number }, logger: Logger, now: () => number = Date.now, fixContext: FixContext = {}): CircuitBreaker {
   let openedWith: MailerError | undefined;
   let failures = 0;
   let nextProbeAt = 0;
@@ -66,8 +71,10 @@ export function circuitBreaker(policy: { retryBaseSeconds: number; retryMaxSecon
       openedWith = error;
       const delaySeconds = backOff();
       if (!wasOpen) {
-        // One clear error per outage, naming the setting or setup step; probes log at debug.
-        logger.log("error", "circuit.open", { error: error.toJSON(), nextProbeInSeconds: delaySeconds, note: "sending paused; messages wait in the queue" });
+        // One clear error per outage, naming the setup step, its code and its fix exactly as
+        // `queue-mailer doctor` would (one table: shared/doctor/fixes.ts); probes log at debug.
+        const advice = adviceFor(error, fixContext);
+        logger.log("error", "circuit.open", { step: advice.step, code: error.code, fix: advice.fix, error: error.toJSON(), nextProbeInSeconds: delaySeconds, note: "sending paused; messages wait in the queue" });
       } else {
         logger.log("debug", "circuit.probe_failed", { code: error.code, nextProbeInSeconds: delaySeconds });
       }
