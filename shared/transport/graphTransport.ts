@@ -4,15 +4,18 @@
 // would pass Graph's 4 MB limit goes as a draft (its MIME without the attachments), then each
 // attachment (small ones inline, large ones through an upload session in chunks), then `send`.
 //
-// Limits: at most GRAPH_MAX_CONCURRENCY sends per mailbox at once, across instances (a leased
-// slot in Table storage per send, in-process waiters queue first). A 429 or a 503/504 with
+// Limits: at most GRAPH_MAX_CONCURRENCY sends per mailbox at once, across instances (leased slots
+// in Table storage, in-process waiters queue first). Like SMTP's pooled connections, a slot is kept
+// for the next send for up to SLOT_REUSE_MS instead of being claimed and released per message
+// (which cost a table round trip each way and, with a release still on its way, a retry wait);
+// after that it is given back, so other instances get their turn. A 429 or a 503/504 with
 // Retry-After is a deferred error: the sender pauses the whole mailbox until then.
 import MailComposer from "nodemailer/lib/mail-composer";
 import type { GraphConfig } from "../config.js";
 import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
 import type { EmailMessage } from "../message/schema.js";
-import type { ConnectionSlots } from "../send/connectionSlots.js";
+import type { ConnectionLease, ConnectionSlots } from "../send/connectionSlots.js";
 import type { MailboxPause } from "../send/mailboxPause.js";
 import type { TokenProvider } from "../token/tokenProvider.js";
 import { classifyGraphResponse, graphNetworkError } from "./graphErrors.js";
@@ -29,6 +32,10 @@ const INLINE_ATTACHMENT_LIMIT_BYTES = 3_000_000;
 /** Upload chunks: multiples of 320 KiB, under Outlook's 4 MB per request. */
 export const UPLOAD_CHUNK_BYTES = 10 * 320 * 1024;
 const REQUEST_TIMEOUT_MS = 60_000;
+/** How long one claim of a table slot serves consecutive sends before it is given back. */
+const SLOT_REUSE_MS = 5_000;
+/** A slot nobody here needs is given back after this long. */
+const SLOT_IDLE_MS = 200;
 
 interface GraphRequest {
   method: "POST" | "PUT";
@@ -74,6 +81,30 @@ export function createGraphTransport(
 ): Transport {
   const userPath = `/v1.0/users/${encodeURIComponent(mailbox)}`;
   const local = semaphore(graph.maxConcurrency);
+  // Slots this process holds but is not using right now, newest last.
+  const spare: Array<{ lease: ConnectionLease; claimedAt: number }> = [];
+  let idleTimer: NodeJS.Timeout | undefined;
+
+  async function takeSlot(): Promise<{ lease: ConnectionLease; claimedAt: number } | undefined> {
+    if (!limits.concurrency) return undefined;
+    const held = spare.pop();
+    if (held) return held;
+    return { lease: await limits.concurrency.acquire(), claimedAt: Date.now() };
+  }
+
+  function giveBackSlot(slot: { lease: ConnectionLease; claimedAt: number } | undefined): void {
+    if (!slot) return;
+    if (Date.now() - slot.claimedAt >= SLOT_REUSE_MS) {
+      slot.lease.release();
+      return;
+    }
+    spare.push(slot);
+    clearTimeout(idleTimer);
+    idleTimer = setTimeout(() => {
+      for (const idle of spare.splice(0)) idle.lease.release();
+    }, SLOT_IDLE_MS);
+    idleTimer.unref();
+  }
 
   async function call(request: GraphRequest, renewed = false): Promise<{ status: number; text: string; headers: Headers }> {
     const command = `${request.method} ${request.url ? "<upload session>" : request.path.replace(userPath, "/users/{mailbox}")}`;
@@ -147,7 +178,7 @@ export function createGraphTransport(
     async send(message) {
       const mail = mailOptionsFor(message, mailbox);
       return local(async () => {
-        const lease = await limits.concurrency?.acquire();
+        const slot = await takeSlot();
         try {
           // A throttle met while this send waited for its slot (here or on another instance)
           // holds it too; a draft already being uploaded is finished rather than abandoned.
@@ -164,7 +195,7 @@ export function createGraphTransport(
           logger.log(failure.kind === "transient" || failure.kind === "deferred" ? "warn" : "error", "graph.failed", { id: message.id, error: failure.toJSON() });
           throw failure;
         } finally {
-          lease?.release();
+          giveBackSlot(slot);
         }
         const recipients = [...message.to, ...message.cc, ...message.bcc].map((m) => m.address);
         // 202 Accepted: Graph queued it for delivery; it has no per-recipient answer.
@@ -200,7 +231,10 @@ export function createGraphTransport(
       }
       throw new MailerError("GRAPH_BAD_RESPONSE", "Graph accepted an empty sendMail request", { kind: "transient", command: "POST /users/{mailbox}/sendMail" });
     },
-    async close() {},
+    async close() {
+      clearTimeout(idleTimer);
+      for (const idle of spare.splice(0)) idle.lease.release();
+    },
   };
 }
 
