@@ -7,13 +7,20 @@
 //   rawSmtp   nodemailer, same pool size, straight to the sink with one token.
 //   rawQueue  the same messages received and deleted from Azurite, no sending.
 //   naive     what people write by hand: per message a token request and a new transport.
+//   oursGraph the same worker with TRANSPORT=graph: the MIME it builds, POSTed to the Graph double's
+//             sendMail, at most 4 in flight per mailbox (slots in Table storage); rate limit off.
+//   rawGraph  a keep-alive HTTPS loop to the same double: one token, 4 in flight, the same MIME
+//             (nodemailer's MailComposer, built per message) POSTed as base64 to sendMail.
+//   dailyLimit the worker with DAILY_RECIPIENT_LIMIT = L offered L + 20 one-recipient messages.
 import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
+import { Agent, request } from "node:https";
 import { cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import nodemailer from "nodemailer";
+import MailComposer from "nodemailer/lib/mail-composer";
 import type { QueueClient } from "@azure/storage-queue";
 import { startLocalStack, LOCAL_MAILBOX, type LocalStack } from "../cli/local/localStack.js";
 import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
@@ -31,6 +38,17 @@ const { values } = parseArgs({
 const N = Number(values.messages);
 const NAIVE = Math.min(N, Number(values.naive));
 const POOL = 3; // Exchange's per-mailbox connection cap: the same for every contender
+const GRAPH_IN_FLIGHT = 4; // Graph's per-mailbox concurrency limit: the same for ours and raw
+// Graph runs use at most 2,000 messages: the double enforces Graph's 10,000 requests per mailbox per
+// 10 minutes, and ours, raw and the daily-limit run all send as one mailbox within a few minutes
+// (2 × 2,000 + 60 stays well clear; 2 × 5,000 would throttle whichever ran second). 2,000 requests at
+// 4 in flight are still many seconds of steady state.
+const GRAPH_MESSAGES = Math.min(N, 2000);
+/** Plain vs template messages: the same count back to back, small enough that queue depth is alike. */
+const TEMPLATE_MESSAGES = Math.min(N, 1000);
+// Daily recipient limit run: L recipients allowed, L + DAILY_EXTRA single-recipient messages offered.
+const DAILY_LIMIT = 40;
+const DAILY_EXTRA = 20;
 const BATCH = 32;
 const root = fileURLToPath(new URL("..", import.meta.url));
 // `queue-mailer` from the TypeScript sources through tsx (absolute paths: any cwd). Not through the
@@ -61,6 +79,7 @@ interface WorkerRun {
   memoryAtStart: { rssBytes: number; peakRssBytes: number };
   memoryAtStop: { rssBytes: number; peakRssBytes: number };
   sent: number;
+  waited: number;
 }
 
 /** `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back. */
@@ -68,13 +87,19 @@ function runWorker(env: Record<string, string>, args: string[], until?: Promise<
   const child = spawn(process.execPath, [...cli, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
   let buffer = "";
   const run: Partial<WorkerRun> = {};
+  // The last other lines (warnings, a crash's stack): what a run that never stopped cleanly said.
+  const recent: string[] = [];
   child.stderr.on("data", (chunk: Buffer) => {
     buffer += chunk.toString();
     const lines = buffer.split("\n");
     buffer = lines.pop() ?? "";
     for (const line of lines) {
-      if (!line.includes('"worker.st')) continue;
-      const record = JSON.parse(line) as { event: string; time: string; memory: WorkerRun["memoryAtStart"]; sent?: number };
+      if (!line.includes('"worker.st')) {
+        recent.push(line);
+        if (recent.length > 30) recent.shift();
+        continue;
+      }
+      const record = JSON.parse(line) as { event: string; time: string; memory: WorkerRun["memoryAtStart"]; sent?: number; waited?: number };
       if (record.event === "worker.started") {
         run.startedAt = Date.parse(record.time);
         run.memoryAtStart = record.memory;
@@ -82,11 +107,20 @@ function runWorker(env: Record<string, string>, args: string[], until?: Promise<
         run.stoppedAt = Date.parse(record.time);
         run.memoryAtStop = record.memory;
         run.sent = record.sent ?? 0;
+        run.waited = record.waited ?? 0;
       }
     }
   });
   void until?.then(() => child.kill("SIGTERM"));
-  return new Promise((resolveRun) => child.on("exit", (code) => resolveRun({ ...(run as WorkerRun), exitCode: code })));
+  return new Promise((resolveRun, reject) =>
+    child.on("exit", (code, signal) => {
+      if (run.startedAt === undefined || run.memoryAtStop === undefined) {
+        reject(new Error(`worker (${env["MAIL_QUEUE"]}, ${env["TRANSPORT"]}) exited (code ${code}, signal ${signal}) without logging worker.started and worker.stopped; its last lines:\n${[...recent, buffer].join("\n")}`));
+      } else {
+        resolveRun({ ...(run as WorkerRun), exitCode: code });
+      }
+    }),
+  );
 }
 
 function percentile(sorted: number[], p: number): number {
@@ -132,14 +166,54 @@ function sinkOf(stack: LocalStack, capState: { current: { limit: number; windowM
   };
 }
 
+/**
+ * The Graph double of the local stack (in this process, like the sink: both Graph contenders pay for
+ * it here). Only arrival times are kept; the recorded messages are dropped to keep memory flat.
+ */
+function graphOf(stack: LocalStack) {
+  const graph = stack.graph;
+  if (!graph) throw new Error("the local stack was started without transport \"graph\"");
+  const arrivals: number[] = [];
+  graph.onMessage((m) => {
+    arrivals.push(m.receivedAt.getTime());
+    graph.messages.length = 0;
+  });
+  const mailbox = LOCAL_MAILBOX.toLowerCase();
+  return {
+    url: graph.url,
+    arrivals,
+    resetStats: () => graph.resetStats(),
+    stats: () => ({ requests: graph.requests.length, maxInFlight: graph.maxInFlight[mailbox] ?? 0, throttled: graph.requests.filter((r) => r.status === 429).length }),
+  };
+}
+
+/**
+ * POST sendMail with the MIME as base64 over a keep-alive HTTPS connection pool. node:https rather
+ * than fetch: fetch trusts an extra CA only through NODE_EXTRA_CA_CERTS at process start, and this
+ * process is started by `npm run bench` without it (undici, which would take a `ca`, is not installed).
+ */
+function graphSendMail(agent: Agent, url: string, token: string, mimeBase64: string): Promise<number> {
+  return new Promise((resolveStatus, reject) => {
+    const req = request(url, { method: "POST", agent, headers: { authorization: `Bearer ${token}`, "content-type": "text/plain", "content-length": Buffer.byteLength(mimeBase64) } }, (res) => {
+      res.resume();
+      res.once("end", () => resolveStatus(res.statusCode ?? 0));
+      res.once("error", reject);
+    });
+    req.once("error", reject);
+    req.end(mimeBase64);
+  });
+}
+
 async function main(): Promise<void> {
   mkdirSync(workDir, { recursive: true });
   // The rate-cap phase turns this on: 432 4.3.2 once more than `limit` messages arrived within
   // the window, as Exchange does past 30 a minute.
   const capState: Parameters<typeof sinkOf>[1] = { current: undefined, throttled: 0 };
+  // transport "graph": one stack serves both; its env is for Graph, the SMTP rows override it.
   const stack: LocalStack = await startLocalStack({
     caDir,
     workDir,
+    transport: "graph",
     fault: ({ phase }): SmtpFaultAction | undefined => {
       const cap = capState.current;
       if (!cap || phase !== "mail") return undefined;
@@ -154,13 +228,17 @@ async function main(): Promise<void> {
     },
   });
   const sink = sinkOf(stack, capState);
+  const graph = graphOf(stack);
   const kv: KeyVaultDouble = await startKeyVaultDouble({ caDir });
   kv.putCertificate("smtp-sender", { ...stack.clientCertificate, contentType: "application/x-pkcs12" });
   const ca = readFileSync(stack.caPath, "utf8");
   const results: Record<string, unknown> = {};
   try {
-    const base = { ...stack.env, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", DAILY_RECIPIENT_LIMIT: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
+    const smtpEnv = { ...stack.env, TRANSPORT: "smtp", TOKEN_SCOPE: stack.oauth.scope };
+    const base = { ...smtpEnv, ...kv.env, SMTP_PORT: String(sink.port), CERT_PATH: "", KEY_VAULT_URL: kv.vaultUrl, CERT_NAME: "smtp-sender", SEND_RATE_PER_MINUTE: "0", DAILY_RECIPIENT_LIMIT: "0", WORKER_BATCH_SIZE: String(BATCH), SMTP_MAX_CONNECTIONS: String(POOL) };
     const storageFor = (queue: string) => loadStorageConfig({ ...base, MAIL_QUEUE: queue });
+    // Graph: the same worker with TRANSPORT=graph (stack.env's GRAPH_URL and Graph TOKEN_SCOPE).
+    const graphBase = { ...base, TRANSPORT: "graph", GRAPH_URL: graph.url, TOKEN_SCOPE: stack.oauth.graphScope, GRAPH_MAX_CONCURRENCY: String(GRAPH_IN_FLIGHT) };
 
     // rawQueue: receive and delete with the worker's pipelining (a receive of BATCH whenever fewer
     // than BATCH are in flight), no sending.
@@ -194,7 +272,7 @@ async function main(): Promise<void> {
 
     // rawSmtp: nodemailer with the same pool size and one token.
     log(`rawSmtp: ${N} messages…`);
-    const fileConfig = loadSendConfig({ ...stack.env, MAIL_QUEUE: "bench-raw" });
+    const fileConfig = loadSendConfig({ ...smtpEnv, MAIL_QUEUE: "bench-raw" });
     const tokens = new TokenProvider({ credential: credentialSourceFor(fileConfig.auth, silentLogger), logger: silentLogger });
     const token = (await tokens.getToken()).token;
     let rawSmtpMs: number;
@@ -206,13 +284,33 @@ async function main(): Promise<void> {
       transport.close();
     }
 
+    // Daily recipient limit, on Graph: L + DAILY_EXTRA one-recipient messages, room for L. Every
+    // other run has the limit off (0), so this run's table row starts empty. It runs beside the
+    // memory baseline below: neither is timed, and they share only Azurite (another queue, another
+    // transport, the limits they use are per transport or off), so the pair costs one worker's time.
+    const dailyQueues = await openMailQueues(storageFor("bench-daily"));
+    await fill(dailyQueues.queue, DAILY_LIMIT + DAILY_EXTRA);
+    await dailyQueues.poison.clearMessages();
+    const dailyBefore = graph.arrivals.length;
+    const dailyRunning = runWorker({ ...graphBase, MAIL_QUEUE: "bench-daily", DAILY_RECIPIENT_LIMIT: String(DAILY_LIMIT) }, ["--drain"]);
+
     // ours, first on 500 messages (memory baseline), then on N. Fresh worker process each time.
     const oursEnv = { ...base, MAIL_QUEUE: "bench-ours" };
     const ours = await openMailQueues(storageFor("bench-ours"));
     const small = Math.min(500, N);
-    log(`ours: ${small} messages (memory baseline)…`);
+    log(`ours: ${small} messages (memory baseline), beside it the daily limit: ${DAILY_LIMIT + DAILY_EXTRA} messages, limit ${DAILY_LIMIT} (Graph)…`);
     await fill(ours.queue, small);
-    const smallRun = await runWorker(oursEnv, ["--drain"]);
+    const [smallRun, dailyRun] = await Promise.all([runWorker(oursEnv, ["--drain"]), dailyRunning]);
+    // Messages that wait are hidden until the window has room (about a day): still in the queue.
+    const dailyLimit = {
+      limit: DAILY_LIMIT,
+      offered: DAILY_LIMIT + DAILY_EXTRA,
+      delivered: graph.arrivals.length - dailyBefore,
+      stillQueued: (await dailyQueues.queue.getProperties()).approximateMessagesCount ?? -1,
+      poisoned: (await dailyQueues.poison.getProperties()).approximateMessagesCount ?? -1,
+      waited: dailyRun.waited,
+      transport: "graph",
+    };
     log(`ours: ${N} messages…`);
     await fill(ours.queue, N);
     stack.oauth.resetStats();
@@ -300,12 +398,75 @@ async function main(): Promise<void> {
     const throttled = sink.stats().throttled;
     sink.rateCapOff();
 
+    // rawGraph: one Graph token, GRAPH_IN_FLIGHT loops over one keep-alive connection each.
+    log(`rawGraph: ${GRAPH_MESSAGES} messages…`);
+    let rawGraphMs: number;
+    {
+      const graphConfig = loadSendConfig({ ...stack.env, MAIL_QUEUE: "bench-raw" });
+      const graphTokens = new TokenProvider({ credential: credentialSourceFor(graphConfig.auth, silentLogger), logger: silentLogger });
+      const graphToken = (await graphTokens.getToken()).token;
+      const agent = new Agent({ keepAlive: true, maxSockets: GRAPH_IN_FLIGHT, ca });
+      const sendMailUrl = `${graph.url}/v1.0/users/${encodeURIComponent(LOCAL_MAILBOX)}/sendMail`;
+      graph.resetStats();
+      const began = Date.now();
+      let next = 0;
+      await Promise.all(
+        Array.from({ length: GRAPH_IN_FLIGHT }, async () => {
+          while (next < GRAPH_MESSAGES) {
+            const i = next++;
+            const mime = await new MailComposer({ from: LOCAL_MAILBOX, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: `Thank you for order ${i}.\nTotal: 42.00` }).compile().build();
+            const status = await graphSendMail(agent, sendMailUrl, graphToken, mime.toString("base64"));
+            if (status !== 202) throw new Error(`rawGraph: sendMail answered ${status}`);
+          }
+        }),
+      );
+      rawGraphMs = Date.now() - began;
+      agent.destroy();
+    }
+
+    // oursGraph: a fresh worker on the same number of messages; its requests as the double saw them.
+    log(`oursGraph: ${GRAPH_MESSAGES} messages…`);
+    const oursGraphQueue = await openMailQueues(storageFor("bench-ours-graph"));
+    await fill(oursGraphQueue.queue, GRAPH_MESSAGES);
+    graph.resetStats();
+    stack.oauth.resetStats();
+    const graphBefore = graph.arrivals.length;
+    const oursGraphRun = await runWorker({ ...graphBase, MAIL_QUEUE: "bench-ours-graph" }, ["--drain"]);
+    const graphDelivered = graph.arrivals.slice(graphBefore);
+    const oursGraphMs = Math.max(...graphDelivered) - oursGraphRun.startedAt;
+    const graphStats = { ...graph.stats(), tokenRequests: stack.oauth.stats.tokenRequests };
+
+    // templates: the same worker on the same count, once with the HTML and text written out and
+    // once rendered from a template (TEMPLATE_DIR, Handlebars, text generated from the HTML): the
+    // same message either way, so the difference is what rendering costs.
+    log(`templates: ${TEMPLATE_MESSAGES} plain, then ${TEMPLATE_MESSAGES} from a template…`);
+    const templateDir = join(workDir, "templates");
+    mkdirSync(join(templateDir, "receipt"), { recursive: true });
+    writeFileSync(join(templateDir, "receipt", "subject.hbs"), "Receipt {{order}}");
+    writeFileSync(join(templateDir, "receipt", "html.hbs"), "<h1>Thank you, {{name}}!</h1><p>Order {{order}}: {{total}}</p>");
+    const plainJson = (i: number) => JSON.stringify({ id: `plain-${i}-${Math.random().toString(36).slice(2)}`, to: `user${i}@example.test`, subject: `Receipt ${i}`, html: `<h1>Thank you, Ada!</h1><p>Order ${i}: 42.00</p>`, text: `THANK YOU, ADA!\n\nOrder ${i}: 42.00` });
+    const templateJson = (i: number) => JSON.stringify({ id: `tmpl-${i}-${Math.random().toString(36).slice(2)}`, to: `user${i}@example.test`, template: "receipt", data: { name: "Ada", order: i, total: "42.00" } });
+    const timeRun = async (queueName: string, make: (i: number) => string, extra: Record<string, string> = {}) => {
+      const q = await openMailQueues(storageFor(queueName));
+      await fill(q.queue, TEMPLATE_MESSAGES, make);
+      const from = sink.messages.length;
+      const run = await runWorker({ ...base, MAIL_QUEUE: queueName, ...extra }, ["--drain"]);
+      const arrived = sink.messages.slice(from);
+      return { messages: arrived.length, ms: Math.max(...arrived.map((m) => m.receivedAt)) - run.startedAt };
+    };
+    const plainRun = await timeRun("bench-plain", plainJson);
+    const templateRun = await timeRun("bench-templates", templateJson, { TEMPLATE_DIR: templateDir });
+    const plainRate = rate(plainRun.messages, plainRun.ms);
+    const templateRate = rate(templateRun.messages, templateRun.ms);
+
     const rawSmtp = rate(N, rawSmtpMs);
     const rawQueue = rate(N, rawQueueMs);
     const oursRate = rate(counts.messages, oursMs);
     const naive = rate(NAIVE, naiveMs);
     const growth = (oursRun.memoryAtStop.rssBytes - smallRun.memoryAtStop.rssBytes) / smallRun.memoryAtStop.rssBytes;
     const shareOfAllowed = Math.round((idealMs / actualMs) * 1000) / 1000;
+    const oursGraph = rate(graphDelivered.length, oursGraphMs);
+    const rawGraph = rate(GRAPH_MESSAGES, rawGraphMs);
     Object.assign(results, {
       date: new Date().toISOString(),
       node: process.version,
@@ -316,8 +477,17 @@ async function main(): Promise<void> {
         rawSmtp: { messagesPerSecond: rawSmtp, messages: N, seconds: seconds(rawSmtpMs) },
         rawQueue: { messagesPerSecond: rawQueue, messages: N, seconds: seconds(rawQueueMs) },
         naive: { messagesPerSecond: naive, messages: NAIVE, seconds: seconds(naiveMs), tokenRequests: naiveTokenRequests },
+        oursGraph: { messagesPerSecond: oursGraph, messages: graphDelivered.length, seconds: seconds(oursGraphMs) },
+        rawGraph: { messagesPerSecond: rawGraph, messages: GRAPH_MESSAGES, seconds: seconds(rawGraphMs) },
+        oursPlain: { messagesPerSecond: plainRate, messages: plainRun.messages, seconds: seconds(plainRun.ms) },
+        oursTemplates: { messagesPerSecond: templateRate, messages: templateRun.messages, seconds: seconds(templateRun.ms) },
       },
-      ratios: { oursVsMinRaw: Math.round((oursRate / Math.min(rawSmtp, rawQueue)) * 100) / 100, oursVsNaive: Math.round((oursRate / naive) * 10) / 10 },
+      ratios: {
+        oursVsMinRaw: Math.round((oursRate / Math.min(rawSmtp, rawQueue)) * 100) / 100,
+        oursVsNaive: Math.round((oursRate / naive) * 10) / 10,
+        oursGraphVsRawGraph: Math.round((oursGraph / rawGraph) * 100) / 100,
+        templatesVsPlain: Math.round((templateRate / plainRate) * 100) / 100,
+      },
       counts,
       latencyMs: { messages: latencies.length, ratePerSecond: latencyRate, p50: percentile(latencies, 50), p95: percentile(latencies, 95), p99: percentile(latencies, 99) },
       memory: {
@@ -329,6 +499,8 @@ async function main(): Promise<void> {
         growthFrom500ToN: Math.round(growth * 1000) / 1000,
       },
       rateCap: { limit: cap.limit, windowSeconds: cap.windowSeconds, messages: capTimes.length, shareOfAllowed, throttlingReplies: throttled },
+      graph: graphStats,
+      dailyLimit,
     });
     results["targets"] = {
       oursAtLeast80PercentOfMinRaw: oursRate >= 0.8 * Math.min(rawSmtp, rawQueue),
@@ -338,6 +510,10 @@ async function main(): Promise<void> {
       rateCapAtLeast95Percent: shareOfAllowed >= 0.95,
       noThrottlingReplies: throttled === 0,
       rssGrowthWithin20Percent: Math.abs(growth) <= 0.2,
+      graphAtLeast80PercentOfRaw: oursGraph >= 0.8 * rawGraph,
+      graphWithinMailboxConcurrency: graphStats.maxInFlight <= GRAPH_IN_FLIGHT && graphStats.throttled === 0,
+      templatesWithin10Percent: templateRate >= 0.9 * plainRate,
+      dailyLimitHolds: dailyLimit.delivered === DAILY_LIMIT && dailyLimit.poisoned === 0 && dailyLimit.stillQueued === DAILY_EXTRA,
     };
   } finally {
     await kv.close();
@@ -354,12 +530,14 @@ async function main(): Promise<void> {
 export function renderTable(r: Record<string, unknown>): string {
   const x = r as {
     messages: number; node: string; date: string; machine: { cpus: number; model: string };
-    rates: Record<"ours" | "rawSmtp" | "rawQueue" | "naive", { messagesPerSecond: number; messages: number }>;
-    ratios: { oursVsMinRaw: number; oursVsNaive: number };
+    rates: Record<"ours" | "rawSmtp" | "rawQueue" | "naive" | "oursGraph" | "rawGraph" | "oursPlain" | "oursTemplates", { messagesPerSecond: number; messages: number }>;
+    ratios: { oursVsMinRaw: number; oursVsNaive: number; oursGraphVsRawGraph: number; templatesVsPlain: number };
     counts: { tokenRequests: number; keyVaultRequests: number; smtpConnections: number; smtpAuths: number; messages: number };
     latencyMs: { p50: number; p95: number; p99: number; ratePerSecond: number };
     memory: { rssAfter500Bytes: number; rssAfterNBytes: number; peakRssBytes: number; rssBeforeBytes: number; growthFrom500ToN: number };
     rateCap: { limit: number; windowSeconds: number; shareOfAllowed: number; throttlingReplies: number };
+    graph: { requests: number; maxInFlight: number; throttled: number; tokenRequests: number };
+    dailyLimit: { limit: number; offered: number; delivered: number; stillQueued: number; poisoned: number };
     targets: Record<string, boolean>;
   };
   const mb = (b: number) => `${Math.round(b / 1048576)} MB`;
@@ -379,6 +557,12 @@ export function renderTable(r: Record<string, unknown>): string {
     `| RSS after ${x.messages} vs after 500 | ${mb(x.memory.rssAfterNBytes)} vs ${mb(x.memory.rssAfter500Bytes)} (${Math.round(x.memory.growthFrom500ToN * 100)} %) | within 20 % (${ok(x.targets["rssGrowthWithin20Percent"])}) |`,
     `| rate cap ${x.rateCap.limit} per ${x.rateCap.windowSeconds} s: share of allowed rate | ${Math.round(x.rateCap.shareOfAllowed * 1000) / 10} % | ≥ 95 % (${ok(x.targets["rateCapAtLeast95Percent"])}) |`,
     `| throttling replies (432) caused | ${x.rateCap.throttlingReplies} | 0 (${ok(x.targets["noThrottlingReplies"])}) |`,
+    `| ours over Graph (worker, Key Vault cert, token, sendMail, ledger) | ${x.rates.oursGraph.messagesPerSecond} msg/s over ${x.rates.oursGraph.messages} | ≥ 0.8 × raw Graph: ${x.ratios.oursGraphVsRawGraph} × (${ok(x.targets["graphAtLeast80PercentOfRaw"])}) |`,
+    `| raw Graph (keep-alive HTTPS, ${GRAPH_IN_FLIGHT} in flight, one token) | ${x.rates.rawGraph.messagesPerSecond} msg/s over ${x.rates.rawGraph.messages} | |`,
+    `| Graph requests / most in flight / 429s / token requests (ours) | ${x.graph.requests} / ${x.graph.maxInFlight} / ${x.graph.throttled} / ${x.graph.tokenRequests} | ≤ ${GRAPH_IN_FLIGHT} in flight, no 429 (${ok(x.targets["graphWithinMailboxConcurrency"])}) |`,
+    `| daily recipient limit ${x.dailyLimit.limit}, ${x.dailyLimit.offered} offered (Graph): delivered / still queued / poisoned | ${x.dailyLimit.delivered} / ${x.dailyLimit.stillQueued} / ${x.dailyLimit.poisoned} | ${x.dailyLimit.limit} / ${x.dailyLimit.offered - x.dailyLimit.limit} / 0 (${ok(x.targets["dailyLimitHolds"])}) |`,
+    `| ours, HTML + text written out (SMTP) | ${x.rates.oursPlain.messagesPerSecond} msg/s over ${x.rates.oursPlain.messages} | |`,
+    `| ours, the same rendered from a template | ${x.rates.oursTemplates.messagesPerSecond} msg/s over ${x.rates.oursTemplates.messages} | ≥ 0.9 × written out: ${x.ratios.templatesVsPlain} × (${ok(x.targets["templatesWithin10Percent"])}) |`,
     ``,
     `${x.date.slice(0, 10)}, Node ${x.node}, ${x.machine.cpus} × ${x.machine.model}`,
   ].join("\n");

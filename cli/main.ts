@@ -13,8 +13,11 @@ import { createMailer } from "../shared/mailer.js";
 import type { EmailMessageInput } from "../shared/message/schema.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { openContainer } from "../shared/storage/storageClients.js";
+import { authorizeCommand } from "./authorizeCommand.js";
 import { doctorCommand } from "./doctorCommand.js";
 import { poisonCommand } from "./poisonCommand.js";
+import { statusCommand } from "./statusCommand.js";
+import { templateCommand } from "./templateCommand.js";
 import { runWorker } from "./worker.js";
 
 const usage = `queue-mailer: queued transactional email over Outlook SMTP with OAuth2 (XOAUTH2)
@@ -27,6 +30,11 @@ Usage:
       --subject TEXT  --text TEXT  --html HTML  --id KEY  --header "Name: value" (repeatable)
       --attach FILE (repeatable)      Attach a file (messages over 64 KiB travel as a claim check blob).
       --file message.json             Read the whole message (schema v1) from a file instead.
+      --template NAME --data data.json
+                                      Render template NAME (TEMPLATE_DIR or TEMPLATE_CONTAINER) with
+                                      the JSON object in data.json when sent, instead of --subject/--text/--html.
+      --send-at ISO-8601              Not sent before then (e.g. 2030-01-31T09:00:00Z).
+      --expires-at ISO-8601           Not sent after then: poisoned with MESSAGE_EXPIRED instead.
   queue-mailer expiry [--json]        Report certificates and secrets by expiry (Key Vault, CERT_PATH, app
                                       registration). Exits 1 when anything is expired, within
                                       EXPIRY_CRITICAL_DAYS, or could not be checked. Sends and stores nothing.
@@ -39,6 +47,16 @@ Usage:
                                       failure. Takes no queue message; sends mail only with
                                       --send-test; --dns checks SPF, DKIM and DMARC of the From
                                       domain. Exits 1 when a step failed, 2 for bad arguments.
+  queue-mailer authorize [--device-code] [--timeout SECONDS]
+                                      AUTH_METHOD=refresh-token: a user signs in once (browser, with
+                                      a redirect to http://localhost; --device-code: a code to enter
+                                      on any device) and the refresh token is stored in
+                                      REFRESH_TOKEN_NAME or REFRESH_TOKEN_PATH. Waits 300 s at most.
+  queue-mailer status ID [--json]     What happened to message ID (sent, retried, poisoned, ...),
+                                      newest last, from the deliveryevents table. Exits 1 if unknown.
+  queue-mailer template preview NAME --data data.json [--out DIR]
+                                      Render template NAME (TEMPLATE_DIR or TEMPLATE_CONTAINER) and
+                                      write NAME.eml and NAME.html to DIR (default: the current folder).
   queue-mailer --help                 This text.
 
 Settings come from the environment and from local.settings.json "Values" (environment wins).
@@ -61,10 +79,15 @@ async function enqueueCommand(args: string[]): Promise<number> {
       header: { type: "string", multiple: true },
       file: { type: "string" },
       attach: { type: "string", multiple: true },
+      "send-at": { type: "string" },
+      "expires-at": { type: "string" },
+      template: { type: "string" },
+      data: { type: "string" },
     },
     strict: true,
   });
-  let message: EmailMessageInput;
+  // Typed loosely on purpose: enqueueEmail validates it, the template form included.
+  let message: EmailMessageInput & { template?: string; data?: Record<string, unknown> };
   if (values.file) {
     message = JSON.parse(readFileSync(values.file, "utf8")) as EmailMessageInput;
   } else {
@@ -86,6 +109,11 @@ async function enqueueCommand(args: string[]): Promise<number> {
       headers: Object.keys(headers).length > 0 ? headers : undefined,
     }).filter(([, v]) => v !== undefined)) as unknown as EmailMessageInput;
   }
+  // Scheduling and templates apply to a message from --file as well.
+  if (values["send-at"] !== undefined) message.sendAt = values["send-at"];
+  if (values["expires-at"] !== undefined) message.expiresAt = values["expires-at"];
+  if (values.template !== undefined) message.template = values.template;
+  if (values.data !== undefined) message.data = JSON.parse(readFileSync(values.data, "utf8")) as Record<string, unknown>;
   if (values.attach) {
     message.attachments = [
       ...(message.attachments ?? []),
@@ -157,6 +185,12 @@ export async function main(argv: string[]): Promise<number> {
         return await poisonCommand(rest);
       case "doctor":
         return await doctorCommand(rest);
+      case "authorize":
+        return await authorizeCommand(rest);
+      case "status":
+        return await statusCommand(rest);
+      case "template":
+        return await templateCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

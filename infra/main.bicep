@@ -7,7 +7,8 @@
 //
 // The template does not cover the steps that Azure Resource Manager cannot perform: the app
 // registration, the certificate in Key Vault, SMTP.SendAsApp consent and the Exchange service
-// principal. docs/deploy-azure.md walks through them.
+// principal (authMethod refresh-token: the user's one sign-in with `queue-mailer authorize`).
+// docs/deploy-azure.md walks through them.
 //
 // test/infra.test.ts checks this file against shared/config.ts (settingSpecs), host.json and
 // the table and queue names in the code. When a setting is added there, add it below, either as
@@ -33,12 +34,13 @@ param tags object = {}
 @description('TENANT_ID: directory of the app registration that holds SMTP.SendAsApp (normally this subscription\'s tenant).')
 param tenantId string = tenant().tenantId
 
-@description('AUTH_METHOD: how the app signs in (docs/auth-*.md). "certificate" (client assertion, the certificate in this vault), "secret" (client secret, from the vault secret clientSecretName), "google-service-account" (JSON key, from the vault secret googleKeySecretName), "password" (legacy password grant, from the vault secret mailboxPasswordSecretName).')
+@description('AUTH_METHOD: how the app signs in (docs/auth-*.md). "certificate" (client assertion, the certificate in this vault), "secret" (client secret, from the vault secret clientSecretName), "google-service-account" (JSON key, from the vault secret googleKeySecretName), "password" (legacy password grant, from the vault secret mailboxPasswordSecretName), "refresh-token" (delegated: a user signs in once with `queue-mailer authorize`, which writes the refresh token to the vault secret refreshTokenSecretName; docs/auth-refresh-token.md).')
 @allowed([
   'certificate'
   'secret'
   'google-service-account'
   'password'
+  'refresh-token'
 ])
 param authMethod string = 'certificate'
 
@@ -77,6 +79,9 @@ param googleKeySecretName string = ''
 
 @description('MAILBOX_PASSWORD_NAME: name of the vault secret holding the mailbox password (authMethod password).')
 param mailboxPasswordSecretName string = ''
+
+@description('REFRESH_TOKEN_NAME: name of the vault secret holding the signed-in user\'s refresh token (authMethod refresh-token). `queue-mailer authorize` creates it and the app writes a new version at every rotation, so the app identity (and operatorPrincipalId) get Key Vault Secrets Officer on the vault.')
+param refreshTokenSecretName string = ''
 
 @description('MAIL_QUEUE: the queue applications drop messages on. The poison queue is "<name>-poison", so at most 56 characters.')
 @minLength(3)
@@ -180,12 +185,16 @@ var alwaysReady = alwaysReadyInstances > 0 ? [{ name: 'function:sendEmail', inst
 var deploymentContainer = 'app-package'
 // Tables the code opens: expiryalerts (shared/expiry/alertLedger.ts ALERT_TABLE), sendledger
 // (shared/send/sendLedger.ts SEND_LEDGER_TABLE), sendrate (shared/send/rateLimiter.ts RATE_TABLE),
-// smtpconnections (shared/send/connectionSlots.ts CONNECTION_TABLE). The code creates them if
+// smtpconnections (shared/send/connectionSlots.ts CONNECTION_TABLE), deliveryevents
+// (shared/events/deliveryEvents.ts DELIVERY_EVENTS_TABLE), refreshtokenlease
+// (shared/auth/refreshTokenLease.ts REFRESH_TOKEN_LEASE_TABLE). The code creates them if
 // they are missing; creating them here makes the account complete before the first message.
 var appTables = [
   'dailyrecipients'
+  'deliveryevents'
   'expiryalerts'
   'mailboxpause'
+  'refreshtokenlease'
   'sendledger'
   'sendrate'
   'smtpconnections'
@@ -200,6 +209,7 @@ var roles = {
   keyVaultCertificateUser: 'db79e9a7-68ee-4b58-9aeb-b90e7c24fcba'
   keyVaultCertificatesOfficer: 'a4417e6f-fecd-4de8-b567-7b0420556985'
   keyVaultSecretsUser: '4633458b-17de-408a-b874-0445c86b69e6'
+  keyVaultSecretsOfficer: 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
   keyVaultCryptoUser: '12338af0-0e69-4776-bea7-57ae8d297424'
   keyVaultReader: '21090545-7ca7-4776-b22c-e363652d74d2'
   monitoringMetricsPublisher: '3913510d-42f4-4e42-8a64-420c390055eb'
@@ -328,11 +338,16 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
 //         vault for this app.
 // certificate, remote: Crypto User signs with the key; Reader reads the public certificate.
 // secret, google-service-account, password: Secrets User reads the credential's secret.
+// refresh-token: Secrets Officer (appRefreshTokenWriter below), which reads and also writes:
+//         every rotation is a new version of the secret (Secrets User can only read). At vault
+//         scope: the secret does not exist until `queue-mailer authorize` runs, and a role
+//         assignment needs an existing scope.
 // Always:  Reader is enough for the expiry watch, which lists certificates and secrets without
 //          reading their values.
 // Webhook: Secrets User resolves the EXPIRY_WEBHOOK_URL Key Vault reference.
 var usesCertificate = authMethod == 'certificate'
 var credentialSecretNames = filter([clientSecretName, googleKeySecretName, mailboxPasswordSecretName], name => !empty(name))
+var writesRefreshToken = authMethod == 'refresh-token' && !empty(refreshTokenSecretName)
 var appVaultSigningRoles = !usesCertificate ? [] : signingMode == 'export' ? [roles.keyVaultCertificateUser] : [roles.keyVaultCryptoUser]
 var appVaultSecretRoles = empty(expiryWebhookSecretName) && empty(credentialSecretNames) ? [] : [roles.keyVaultSecretsUser]
 var appVaultRoles = concat(appVaultSigningRoles, [roles.keyVaultReader], appVaultSecretRoles)
@@ -348,6 +363,27 @@ resource appVaultRoleAssignments 'Microsoft.Authorization/roleAssignments@2022-0
     }
   }
 ]
+
+resource appRefreshTokenWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (writesRefreshToken) {
+  name: guid(vault.id, identity.id, roles.keyVaultSecretsOfficer)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)
+    principalId: identity.properties.principalId
+    principalType: 'ServicePrincipal'
+  }
+}
+
+// The operator runs `queue-mailer authorize`, which writes the first version of the refresh token.
+resource operatorRefreshTokenWriter 'Microsoft.Authorization/roleAssignments@2022-04-01' = if (writesRefreshToken && !empty(operatorPrincipalId)) {
+  name: guid(vault.id, operatorPrincipalId, roles.keyVaultSecretsOfficer)
+  scope: vault
+  properties: {
+    roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', roles.keyVaultSecretsOfficer)
+    principalId: operatorPrincipalId
+    principalType: operatorPrincipalType
+  }
+}
 
 // The person who creates and renews the certificate and runs the CLI against this deployment.
 resource operatorVaultRoles 'Microsoft.Authorization/roleAssignments@2022-04-01' = [
@@ -530,12 +566,16 @@ var googleKeySetting = {
 var mailboxPasswordSetting = {
   MAILBOX_PASSWORD_NAME: mailboxPasswordSecretName
 }
+var refreshTokenSetting = {
+  REFRESH_TOKEN_NAME: refreshTokenSecretName
+}
 var authSettings = union(
   authMethod == 'google-service-account' ? {} : microsoftSettings,
   usesCertificate ? certificateSettings : {},
   empty(clientSecretName) ? {} : clientSecretSetting,
   empty(googleKeySecretName) ? {} : googleKeySetting,
-  empty(mailboxPasswordSecretName) ? {} : mailboxPasswordSetting
+  empty(mailboxPasswordSecretName) ? {} : mailboxPasswordSetting,
+  empty(refreshTokenSecretName) ? {} : refreshTokenSetting
 )
 
 var webhookSetting = {
@@ -546,8 +586,10 @@ var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 // Settings not set here (defaults apply): TOKEN_URL, TOKEN_SCOPE, GRAPH_URL, GRAPH_MAX_CONCURRENCY, DAILY_RECIPIENT_LIMIT, MAILBOX, ASSERTION_ALG, AUTHORITY_HOST, CLIENT_AUTH, SMTP_HOST, SMTP_PORT, SMTP_MAX_CONNECTIONS, SEND_RATE_PER_MINUTE, SEND_RATE_WINDOW_SECONDS, MAX_DEQUEUE_COUNT, RETRY_BASE_SECONDS, RETRY_MAX_SECONDS, MAX_MESSAGE_BYTES, SEND_LEDGER
 // Settings not set here (read only by `queue-mailer worker`; host.json sets the host's equivalents): LEASE_SECONDS, WORKER_BATCH_SIZE
 // Settings not set here (not used in Azure: identity-based storage and a Key Vault certificate instead): AzureWebJobsStorage, CERT_PATH, CERT_PASSWORD
-// Settings not set here (secrets stay in the vault and are read by name; files are for local runs): CLIENT_SECRET, MAILBOX_PASSWORD, GOOGLE_KEY_PATH
+// Settings not set here (secrets stay in the vault and are read by name; files are for local runs): CLIENT_SECRET, MAILBOX_PASSWORD, GOOGLE_KEY_PATH, REFRESH_TOKEN_PATH
+// Settings not set here (read only by `queue-mailer authorize`, run by an operator on their own machine; defaults apply): AUTHORIZE_URL, DEVICE_CODE_URL, AUTHORIZE_REDIRECT_PORT
 // Settings not set here (read only by `queue-mailer doctor --dns`, run by an operator): DNS_SERVERS
+// Settings not set here (optional features, off by default; add them as app settings to use them): EVENTS_QUEUE, TEMPLATE_DIR, TEMPLATE_CONTAINER
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
@@ -558,6 +600,7 @@ resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {
   dependsOn: [
     appStorageRoles
     appVaultRoleAssignments
+    appRefreshTokenWriter
     appInsightsPublisher
     queues
     tables

@@ -7,13 +7,13 @@ import { ConfigError } from "./errors.js";
 import { registerSecret } from "./redact.js";
 
 export type Env = Readonly<Record<string, string | undefined>>;
-export const AUTH_METHODS = ["certificate", "secret", "google-service-account", "password"] as const;
+export const AUTH_METHODS = ["certificate", "secret", "google-service-account", "password", "refresh-token"] as const;
 export type AuthMethod = (typeof AUTH_METHODS)[number];
 export type AssertionAlg = "PS256" | "RS256";
 /** How a client secret travels: in the form body, or as HTTP Basic (RFC 6749 2.3.1). */
 export type ClientAuth = "post" | "basic";
 /** Microsoft's identity platform answers these methods; Google's token endpoint the other. */
-const MICROSOFT_METHODS: AuthMethod[] = ["certificate", "secret", "password"];
+const MICROSOFT_METHODS: AuthMethod[] = ["certificate", "secret", "password", "refresh-token"];
 
 export interface SettingSpec {
   name: string;
@@ -36,25 +36,30 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "AzureWebJobsStorage__queueServiceUri", type: "url", description: "Queue service URI for identity-based storage access (managed identity / `az login`), instead of a connection string." },
   { name: "MAIL_QUEUE", type: "string", default: "outbound-email", description: "Queue the application drops messages on; failed messages go to `<MAIL_QUEUE>-poison`." },
   { name: "MAIL_FROM", type: "string", description: "Default From address when a message has none (normally the mailbox in `SMTP_USER`)." },
-  { name: "AUTH_METHOD", type: "enum", default: "certificate", values: [...AUTH_METHODS], description: "How the app proves its identity to the token endpoint: a certificate (client assertion), a client `secret`, a Google `google-service-account` key (JWT bearer grant), or the legacy `password` grant." },
-  { name: "TENANT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Directory (tenant) ID of the app registration; used to build `TOKEN_URL`." },
-  { name: "CLIENT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Application (client) ID of the app registration: `iss` and `sub` of the client assertion, or the `client_id` sent with a secret or password." },
+  { name: "AUTH_METHOD", type: "enum", default: "certificate", values: [...AUTH_METHODS], description: "How the app proves its identity to the token endpoint: a certificate (client assertion), a client `secret`, a Google `google-service-account` key (JWT bearer grant), the legacy `password` grant, or `refresh-token`: a user signs in once with `queue-mailer authorize` and the sender lives on the rotating refresh token (delegated access, docs/auth-refresh-token.md)." },
+  { name: "TENANT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Directory (tenant) ID of the app registration; used to build `TOKEN_URL` (and, for `refresh-token`, `AUTHORIZE_URL` and `DEVICE_CODE_URL`)." },
+  { name: "CLIENT_ID", type: "string", requiredFor: ["send"], authMethods: MICROSOFT_METHODS, description: "Application (client) ID of the app registration: `iss` and `sub` of the client assertion, or the `client_id` sent with a secret, password or refresh token." },
   { name: "AUTHORITY_HOST", type: "url", default: "https://login.microsoftonline.com", authMethods: MICROSOFT_METHODS, description: "Microsoft identity platform host; national clouds use their own (`https://login.microsoftonline.us`, `https://login.chinacloudapi.cn`)." },
   { name: "TOKEN_URL", type: "url", default: "${AUTHORITY_HOST}/${TENANT_ID}/oauth2/v2.0/token", description: "OAuth2 token endpoint: the override for any other OAuth server (with `google-service-account` the default is the key's `token_uri`, else https://oauth2.googleapis.com/token). Plain http is refused except on loopback." },
-  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/SMTP.Send" }, description: "Scope requested for the token. With `TRANSPORT=graph` the default is `${GRAPH_URL}/.default` (`${GRAPH_URL}/Mail.Send` for the delegated password grant)." },
-  { name: "KEY_VAULT_URL", type: "url", description: "Key Vault holding the credential (e.g. `https://my-vault.vault.azure.net`): the certificate (`CERT_NAME`), or the secrets named by `CLIENT_SECRET_NAME`, `GOOGLE_KEY_NAME`, `MAILBOX_PASSWORD_NAME`." },
+  { name: "TOKEN_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/SMTP.Send", "refresh-token": "https://outlook.office365.com/SMTP.Send offline_access" }, description: "Scope requested for the token. With `TRANSPORT=graph` the default is `${GRAPH_URL}/.default` (`${GRAPH_URL}/Mail.Send` for the delegated password grant, `${GRAPH_URL}/Mail.Send offline_access` for `refresh-token`). Google with `refresh-token`: `https://mail.google.com/`." },
+  { name: "KEY_VAULT_URL", type: "url", description: "Key Vault holding the credential (e.g. `https://my-vault.vault.azure.net`): the certificate (`CERT_NAME`), or the secrets named by `CLIENT_SECRET_NAME`, `GOOGLE_KEY_NAME`, `MAILBOX_PASSWORD_NAME`, `REFRESH_TOKEN_NAME`." },
   { name: "CERT_NAME", type: "string", authMethods: ["certificate"], description: "Name of the certificate in Key Vault." },
   { name: "CERT_PATH", type: "string", authMethods: ["certificate"], description: "Local certificate instead of Key Vault: a PEM file with certificate and private key (either order), or a `.pfx`/`.p12` file." },
   { name: "CERT_PASSWORD", type: "string", authMethods: ["certificate"], secret: true, description: "Password of a `.pfx` file or of an encrypted PEM private key in `CERT_PATH`." },
   { name: "CERT_SIGNING", type: "enum", default: "local", values: ["local", "vault"], authMethods: ["certificate"], description: "`local`: the private key is read from Key Vault (or `CERT_PATH`) and the assertion signed here. `vault`: the assertion is signed inside Key Vault (Key Vault Crypto User), so the key may be non-exportable; needs `KEY_VAULT_URL` and `CERT_NAME`." },
   { name: "ASSERTION_ALG", type: "enum", default: "PS256", values: ["PS256", "RS256"], authMethods: ["certificate"], description: "Client assertion signature: `PS256` with `x5t#S256` (current), or `RS256` with SHA-1 `x5t` added (legacy servers, ADFS)." },
-  { name: "CLIENT_SECRET", type: "string", authMethods: ["secret", "password"], secret: true, description: "Client secret of the app registration (may be a Functions Key Vault reference `@Microsoft.KeyVault(...)`). Or `CLIENT_SECRET_NAME`." },
-  { name: "CLIENT_SECRET_NAME", type: "string", authMethods: ["secret", "password"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the client secret, read by the app (a new version is picked up after the token endpoint rejects the old one)." },
-  { name: "CLIENT_AUTH", type: "enum", default: "post", values: ["post", "basic"], authMethods: ["secret", "password"], description: "How the client secret is sent: `post` (client_secret_post, in the form) or `basic` (client_secret_basic, HTTP Basic)." },
+  { name: "CLIENT_SECRET", type: "string", authMethods: ["secret", "password", "refresh-token"], secret: true, description: "Client secret of the app registration (may be a Functions Key Vault reference `@Microsoft.KeyVault(...)`). Or `CLIENT_SECRET_NAME`." },
+  { name: "CLIENT_SECRET_NAME", type: "string", authMethods: ["secret", "password", "refresh-token"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the client secret, read by the app (a new version is picked up after the token endpoint rejects the old one)." },
+  { name: "CLIENT_AUTH", type: "enum", default: "post", values: ["post", "basic"], authMethods: ["secret", "password", "refresh-token"], description: "How the client secret is sent: `post` (client_secret_post, in the form) or `basic` (client_secret_basic, HTTP Basic)." },
   { name: "GOOGLE_KEY_PATH", type: "string", authMethods: ["google-service-account"], description: "The Google service account's JSON key file. Or `GOOGLE_KEY_NAME`." },
   { name: "GOOGLE_KEY_NAME", type: "string", authMethods: ["google-service-account"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the service account's JSON key." },
   { name: "MAILBOX_PASSWORD", type: "string", authMethods: ["password"], secret: true, description: "Password of `SMTP_USER` for the legacy password grant. Or `MAILBOX_PASSWORD_NAME`." },
   { name: "MAILBOX_PASSWORD_NAME", type: "string", authMethods: ["password"], description: "Name of a Key Vault secret in `KEY_VAULT_URL` holding the mailbox password." },
+  { name: "AUTHORIZE_URL", type: "url", default: "${AUTHORITY_HOST}/${TENANT_ID}/oauth2/v2.0/authorize", authMethods: ["refresh-token"], description: "`queue-mailer authorize`: the authorization endpoint the user signs in at (Google: https://accounts.google.com/o/oauth2/v2/auth). Plain http is refused except on loopback." },
+  { name: "DEVICE_CODE_URL", type: "url", default: "${AUTHORITY_HOST}/${TENANT_ID}/oauth2/v2.0/devicecode", authMethods: ["refresh-token"], description: "`queue-mailer authorize --device-code`: the device authorization endpoint (Google: https://oauth2.googleapis.com/device/code)." },
+  { name: "REFRESH_TOKEN_NAME", type: "string", authMethods: ["refresh-token"], description: "Name of the Key Vault secret in `KEY_VAULT_URL` holding the refresh token: `queue-mailer authorize` writes it and every rotation adds a new version (the identity needs Key Vault Secrets Officer). Or `REFRESH_TOKEN_PATH`." },
+  { name: "REFRESH_TOKEN_PATH", type: "string", authMethods: ["refresh-token"], description: "Local file holding the refresh token, for development: written atomically with mode 0600 at each rotation. Or `REFRESH_TOKEN_NAME`." },
+  { name: "AUTHORIZE_REDIRECT_PORT", type: "integer", min: 1, authMethods: ["refresh-token"], description: "`queue-mailer authorize`: loopback port of the redirect `http://localhost:<port>/`. Empty: a free port (Microsoft accepts any port for a registered `http://localhost`)." },
   { name: "SMTP_HOST", type: "string", default: "smtp.office365.com", defaultFor: { "google-service-account": "smtp.gmail.com" }, description: "SMTP submission server." },
   { name: "SMTP_PORT", type: "integer", default: "587", min: 1, description: "SMTP port; STARTTLS is required." },
   { name: "SMTP_USER", type: "string", requiredFor: ["send"], description: "Mailbox the app signs in as (XOAUTH2 `user=`, or the Graph user it sends as); messages are sent from it. `MAILBOX` is an alias." },
@@ -76,6 +81,9 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "MAX_MESSAGE_BYTES", type: "integer", default: "26214400", min: 1024, description: "Largest message accepted (bodies plus decoded attachments); larger ones are poisoned with MESSAGE_TOO_LARGE. Exchange Online accepts about 25 MB." },
   { name: "ALLOWED_RECIPIENT_DOMAINS", type: "string", description: "Sandbox for staging: comma list of domains; recipients elsewhere make the message poisoned with MESSAGE_RECIPIENT_NOT_ALLOWED. Empty: no restriction." },
   { name: "SEND_LEDGER", type: "enum", default: "true", values: ["true", "false"], description: "Record every send in the `sendledger` table keyed by message id, so a redelivered message that was sent is acknowledged, not sent again." },
+  { name: "EVENTS_QUEUE", type: "string", description: "Queue that receives every delivery event (sent, duplicate, retry, poisoned, scheduled, deferred) as JSON for producers to consume. Events are always kept in the `deliveryevents` table (`queue-mailer status ID`). Empty: table only." },
+  { name: "TEMPLATE_DIR", type: "string", description: "Folder of message templates deployed with the app: `<name>/subject.*`, `<name>/html.*`, optional `<name>/text.*` (Handlebars). Messages name one with `template` and give `data`." },
+  { name: "TEMPLATE_CONTAINER", type: "string", description: "Blob container of message templates, laid out like `TEMPLATE_DIR` (read with the storage settings, cached by ETag so an update is picked up). Used when `TEMPLATE_DIR` is not set." },
   { name: "EXPIRY_CHECK_SCHEDULE", type: "string", default: "0 0 7 * * *", description: "When the expiry watch runs: six-field NCRONTAB, UTC (daily at 07:00 by default)." },
   { name: "EXPIRY_WARN_DAYS", type: "string", default: "30,14,7,3,1", description: "Days before expiry at which to warn; each item warns once per threshold it crosses." },
   { name: "EXPIRY_CRITICAL_DAYS", type: "integer", default: "7", min: 0, description: "Within this many days (and once expired) an item alerts daily, and `queue-mailer expiry` exits non-zero." },
@@ -96,6 +104,8 @@ export interface StorageConfig {
   poisonQueueName: string;
   /** Claim-check messages and attachments by reference. */
   attachmentContainer: string;
+  /** EVENTS_QUEUE: delivery events for producers; unset means the table only. */
+  eventsQueueName?: string;
 }
 
 export type CertificateLocation =
@@ -106,6 +116,11 @@ export type CertificateLocation =
 export type SecretLocation =
   | { kind: "value"; setting: string; value: string }
   | { kind: "keyVault"; vaultUrl: string; name: string };
+
+/** Where the delegated refresh token lives: a Key Vault secret (REFRESH_TOKEN_NAME) or a local file (REFRESH_TOKEN_PATH). */
+export type RefreshTokenLocation =
+  | { kind: "keyVault"; vaultUrl: string; name: string }
+  | { kind: "file"; path: string };
 
 export type AuthConfig =
   | {
@@ -140,6 +155,29 @@ export type AuthConfig =
       /** A confidential client sends its secret too. */
       clientSecret: SecretLocation | undefined;
       clientAuth: ClientAuth;
+    }
+  | {
+      method: "refresh-token";
+      tenantId: string;
+      clientId: string;
+      tokenUrl: string;
+      /** TOKEN_SCOPE: asked for at sign-in and with every redemption. */
+      scope: string;
+      /** Where `queue-mailer authorize` sends the user's browser. */
+      authorizeUrl: string;
+      /** `queue-mailer authorize --device-code`. */
+      deviceCodeUrl: string;
+      /** A confidential client ("web" platform, as in the webMethods guide) sends its secret too. */
+      clientSecret: SecretLocation | undefined;
+      clientAuth: ClientAuth;
+      refreshToken: RefreshTokenLocation;
+      /** SMTP_USER (may be empty for `queue-mailer authorize`): the mailbox the signed-in user must be. */
+      username: string;
+      /**
+       * The storage account that holds the one-redeemer-at-a-time lease (the app's own). Undefined
+       * where nothing is redeemed (`queue-mailer authorize`): then the lease is this process only.
+       */
+      lease: StorageConfig | undefined;
     };
 
 export interface SmtpConfig {
@@ -164,6 +202,8 @@ export interface MessagePolicy {
   /** Lower-case domains; empty means every domain. */
   allowedRecipientDomains: string[];
   sendLedger: boolean;
+  /** Where templates are read: TEMPLATE_DIR wins over TEMPLATE_CONTAINER; neither (or absent): no templates. */
+  templates?: { dir?: string; container?: string };
 }
 
 export type TransportKind = "smtp" | "graph";
@@ -311,7 +351,15 @@ function storageConfig(reader: SettingReader): StorageConfig {
   if (!/^[a-z0-9](?!.*--)[a-z0-9-]{1,54}[a-z0-9]$/.test(queueName)) {
     reader.problems.push({ setting: "MAIL_QUEUE", problem: `"${queueName}" is not a valid queue name (3-63 lower-case letters, digits and single hyphens; the poison queue adds "-poison")` });
   }
+  const eventsQueueName = reader.raw("EVENTS_QUEUE");
+  if (eventsQueueName !== undefined && !/^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$/.test(eventsQueueName)) {
+    reader.problems.push({ setting: "EVENTS_QUEUE", problem: `"${eventsQueueName}" is not a valid queue name (3-63 lower-case letters, digits and single hyphens)` });
+  } else if (eventsQueueName === queueName || eventsQueueName === `${queueName}-poison`) {
+    // Events on the mail queue would be taken as mail and poisoned, each poisoning another event.
+    reader.problems.push({ setting: "EVENTS_QUEUE", problem: `is "${eventsQueueName}", the mail queue or its poison queue. Give the events a queue of their own, e.g. ${queueName}-events` });
+  }
   return {
+    ...(eventsQueueName ? { eventsQueueName } : {}),
     ...(connectionString ? { connectionString } : {}),
     ...(queueServiceUri ? { queueServiceUri } : {}),
     ...(tableServiceUri ? { tableServiceUri } : {}),
@@ -320,6 +368,31 @@ function storageConfig(reader: SettingReader): StorageConfig {
     poisonQueueName: `${queueName}-poison`,
     attachmentContainer: reader.raw("ATTACHMENT_CONTAINER") ?? "mail-attachments",
   };
+}
+
+function templateSource(reader: SettingReader): NonNullable<MessagePolicy["templates"]> {
+  const dir = reader.raw("TEMPLATE_DIR");
+  const container = reader.raw("TEMPLATE_CONTAINER");
+  if (container !== undefined && !/^[a-z0-9](?!.*--)[a-z0-9-]{1,61}[a-z0-9]$/.test(container)) {
+    reader.problems.push({ setting: "TEMPLATE_CONTAINER", problem: `"${container}" is not a valid container name (3-63 lower-case letters, digits and single hyphens)` });
+  }
+  return { ...(dir ? { dir } : {}), ...(container ? { container } : {}) };
+}
+
+/**
+ * What `queue-mailer template preview` needs: where templates are, and the storage account only
+ * when they are in a container.
+ */
+export function loadTemplateConfig(env: Env): { templates: NonNullable<MessagePolicy["templates"]>; storage?: StorageConfig; mailFrom?: string } {
+  const reader = new SettingReader(env);
+  const templates = templateSource(reader);
+  if (templates.dir === undefined && templates.container === undefined) {
+    reader.problems.push({ setting: "TEMPLATE_DIR", problem: "is not set (nor TEMPLATE_CONTAINER). Set it to the folder holding <name>/subject.*, <name>/html.* and optional <name>/text.*." });
+  }
+  const storage = templates.dir === undefined ? storageConfig(reader) : undefined;
+  reader.throwIfProblems();
+  const mailFrom = reader.raw("MAIL_FROM") ?? reader.raw("SMTP_USER");
+  return { templates, ...(storage === undefined ? {} : { storage }), ...(mailFrom === undefined ? {} : { mailFrom }) };
 }
 
 /** What `enqueue` and other queue-only commands need. */
@@ -361,10 +434,51 @@ function certificateLocation(reader: SettingReader, signing: "local" | "vault"):
   return { kind: "file", path: "" };
 }
 
+/** REFRESH_TOKEN_NAME (Key Vault) or REFRESH_TOKEN_PATH (file): exactly one. */
+function refreshTokenLocation(reader: SettingReader): RefreshTokenLocation {
+  const name = reader.raw("REFRESH_TOKEN_NAME");
+  const path = reader.raw("REFRESH_TOKEN_PATH");
+  if (name && path) reader.problems.push({ setting: "REFRESH_TOKEN_NAME", problem: "and REFRESH_TOKEN_PATH are both set. Keep one: a Key Vault secret (deployments) or a local file (development)." });
+  if (path && !name) return { kind: "file", path };
+  if (name) {
+    const vaultUrl = reader.raw("KEY_VAULT_URL");
+    if (!vaultUrl) reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but REFRESH_TOKEN_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
+    else reader.url("KEY_VAULT_URL", vaultUrl, { allowLoopbackHttp: false });
+    return { kind: "keyVault", vaultUrl: vaultUrl ?? "", name };
+  }
+  reader.problems.push({ setting: "REFRESH_TOKEN_NAME", problem: "is not set, and neither is REFRESH_TOKEN_PATH. Set REFRESH_TOKEN_NAME to the name of a Key Vault secret (in KEY_VAULT_URL) or REFRESH_TOKEN_PATH to a local file; `queue-mailer authorize` writes the refresh token there." });
+  return { kind: "file", path: "" };
+}
+
+/** AUTH_METHOD=refresh-token: the token endpoint, the sign-in endpoints and where the token lives. */
+function refreshTokenAuth(reader: SettingReader, env: Env, scope: string, smtpUser: string, lease: StorageConfig | undefined): Extract<AuthConfig, { method: "refresh-token" }> {
+  const microsoft = microsoftTokenUrl(reader, env);
+  const authority = (reader.raw("AUTHORITY_HOST") ?? "").replace(/\/+$/, "");
+  // Without TENANT_ID (another provider, TOKEN_URL set) the sign-in endpoints have no default:
+  // only `queue-mailer authorize` needs them, and it names the missing one (loadAuthorizeConfig).
+  const tenantPath = microsoft.tenantId ? `${authority}/${encodeURIComponent(microsoft.tenantId)}/oauth2/v2.0` : undefined;
+  const endpoint = (name: string, path: string) => reader.url(name, env[name]?.trim() || (tenantPath === undefined ? undefined : `${tenantPath}/${path}`), { allowLoopbackHttp: true });
+  const clientSecret = reader.secret("CLIENT_SECRET", "CLIENT_SECRET_NAME", "the client secret", { optional: true });
+  return {
+    method: "refresh-token",
+    ...microsoft,
+    scope,
+    authorizeUrl: endpoint("AUTHORIZE_URL", "authorize"),
+    deviceCodeUrl: endpoint("DEVICE_CODE_URL", "devicecode"),
+    clientSecret,
+    clientAuth: reader.oneOf<ClientAuth>("CLIENT_AUTH"),
+    refreshToken: refreshTokenLocation(reader),
+    username: smtpUser,
+    lease,
+  };
+}
+
 /** The credential settings of one auth method; settings of other methods are ignored. */
-function authConfig(reader: SettingReader, env: Env, method: AuthMethod, smtpUser: string): AuthConfig {
+function authConfig(reader: SettingReader, env: Env, method: AuthMethod, smtpUser: string, storage: StorageConfig | undefined): AuthConfig {
   const scope = reader.raw("TOKEN_SCOPE") ?? "";
   switch (method) {
+    case "refresh-token":
+      return refreshTokenAuth(reader, env, scope, smtpUser, storage);
     case "secret": {
       const clientSecret = reader.secret("CLIENT_SECRET", "CLIENT_SECRET_NAME", "the client secret's value (Certificates & secrets in the app registration)");
       return { method, ...microsoftTokenUrl(reader, env), scope, clientSecret: clientSecret ?? { kind: "value", setting: "CLIENT_SECRET", value: "" }, clientAuth: reader.oneOf<ClientAuth>("CLIENT_AUTH") };
@@ -420,10 +534,10 @@ export function loadSendConfig(env: Env): SendConfig {
       reader.problems.push({ setting: "TRANSPORT", problem: "is graph, which sends through Microsoft Graph, but AUTH_METHOD=google-service-account yields a Google token. Use TRANSPORT=smtp (smtp.gmail.com) with Google, or a Microsoft AUTH_METHOD with Graph." });
     }
     // Graph wants a token for Graph, not for Exchange SMTP.
-    if (!env["TOKEN_SCOPE"]?.trim()) reader.defaults.set("TOKEN_SCOPE", method === "password" ? `${graphUrl}/Mail.Send` : `${graphUrl}/.default`);
+    if (!env["TOKEN_SCOPE"]?.trim()) reader.defaults.set("TOKEN_SCOPE", method === "password" ? `${graphUrl}/Mail.Send` : method === "refresh-token" ? `${graphUrl}/Mail.Send offline_access` : `${graphUrl}/.default`);
     if (!env["SEND_RATE_PER_MINUTE"]?.trim()) reader.defaults.set("SEND_RATE_PER_MINUTE", "0");
   }
-  const auth = authConfig(reader, env, method, smtpUser);
+  const auth = authConfig(reader, env, method, smtpUser, storage);
   const smtp: SmtpConfig = {
     host: reader.raw("SMTP_HOST") ?? "",
     port: reader.integer("SMTP_PORT"),
@@ -445,9 +559,44 @@ export function loadSendConfig(env: Env): SendConfig {
     maxMessageBytes: reader.integer("MAX_MESSAGE_BYTES"),
     allowedRecipientDomains: (reader.raw("ALLOWED_RECIPIENT_DOMAINS") ?? "").split(",").map((d) => d.trim().toLowerCase()).filter(Boolean),
     sendLedger: reader.oneOf<"true" | "false">("SEND_LEDGER") === "true",
+    templates: templateSource(reader),
   };
   reader.throwIfProblems();
   return { storage, mailFrom: reader.raw("MAIL_FROM") ?? smtpUser, messages, auth, transport, smtp, graph, dailyRecipientLimit, queue };
+}
+
+export interface AuthorizeConfig {
+  auth: Extract<AuthConfig, { method: "refresh-token" }>;
+  /** AUTHORIZE_REDIRECT_PORT; 0: any free port. */
+  redirectPort: number;
+}
+
+/**
+ * What `queue-mailer authorize` needs: the refresh-token settings and the endpoint of the chosen
+ * flow; no storage and no mailbox (SMTP_USER, when set, is compared with who signs in).
+ */
+export function loadAuthorizeConfig(env: Env, flow: "browser" | "device"): AuthorizeConfig {
+  const reader = new SettingReader(env);
+  const method = reader.oneOf<AuthMethod>("AUTH_METHOD");
+  if (method !== "refresh-token") {
+    reader.problems.push({ setting: "AUTH_METHOD", problem: `is "${method}", but \`queue-mailer authorize\` signs a user in for delegated access. Set AUTH_METHOD=refresh-token, with REFRESH_TOKEN_NAME (Key Vault) or REFRESH_TOKEN_PATH (file) for where the refresh token goes.` });
+  }
+  reader.method = "refresh-token";
+  // The grant must cover what the sender will ask for, so the scope follows TRANSPORT as in loadSendConfig.
+  if (reader.raw("TRANSPORT") === "graph" && !env["TOKEN_SCOPE"]?.trim()) {
+    reader.defaults.set("TOKEN_SCOPE", `${reader.url("GRAPH_URL", reader.raw("GRAPH_URL"), { allowLoopbackHttp: true }).replace(/\/+$/, "")}/Mail.Send offline_access`);
+  }
+  const smtpUser = reader.raw("SMTP_USER") ?? reader.raw("MAILBOX") ?? "";
+  const auth = refreshTokenAuth(reader, env, reader.raw("TOKEN_SCOPE") ?? "", smtpUser, undefined);
+  const [setting, url] = flow === "device" ? ["DEVICE_CODE_URL", auth.deviceCodeUrl] : ["AUTHORIZE_URL", auth.authorizeUrl];
+  // An empty endpoint means no TENANT_ID to build it from; without TOKEN_URL that is named already.
+  if (!url && !reader.problems.some((p) => p.setting === "TENANT_ID")) {
+    reader.problems.push({ setting, problem: `is not set, and TENANT_ID neither to build it from. Set TENANT_ID (Microsoft) or ${setting} (another provider, e.g. Google).` });
+  }
+  const port = reader.raw("AUTHORIZE_REDIRECT_PORT") === undefined ? 0 : reader.integer("AUTHORIZE_REDIRECT_PORT");
+  if (port > 65535) reader.problems.push({ setting: "AUTHORIZE_REDIRECT_PORT", problem: `must be a TCP port (1-65535), got "${port}"` });
+  reader.throwIfProblems();
+  return { auth, redirectPort: port };
 }
 
 export interface ExpiryConfig {
@@ -464,6 +613,12 @@ export interface ExpiryConfig {
   appRegistration?: { clientId: string };
   /** The Google service account key (GOOGLE_KEY_PATH or GOOGLE_KEY_NAME): its age against the 90-day rotation. */
   googleKey?: { kind: "file"; path: string } | { kind: "keyVault"; vaultUrl: string; name: string };
+  /**
+   * AUTH_METHOD=refresh-token: the stored refresh token (REFRESH_TOKEN_NAME or REFRESH_TOKEN_PATH),
+   * whose last rotation is watched against the provider's inactivity limit; `tokenUrl` (TOKEN_URL,
+   * when set) tells the provider.
+   */
+  refreshToken?: { location: RefreshTokenLocation; tokenUrl?: string };
   /** Names or `prefix*` patterns; empty means everything in the vault. */
   watchNames: string[];
   /** Descending. */
@@ -490,7 +645,7 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
   // The client secret the sender uses (secret, or password with a confidential client) is watched
   // like its certificate: by name in Key Vault, or, as an app setting, only through the app registration.
   const authMethod = reader.raw("AUTH_METHOD");
-  const usesClientSecret = authMethod === "secret" || authMethod === "password";
+  const usesClientSecret = authMethod === "secret" || authMethod === "password" || authMethod === "refresh-token";
   const clientSecretName = usesClientSecret ? reader.raw("CLIENT_SECRET_NAME") : undefined;
   const clientSecretInSetting = usesClientSecret && !clientSecretName && reader.raw("CLIENT_SECRET") !== undefined;
   if (clientSecretName && !vaultUrl) {
@@ -504,7 +659,17 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
     reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but GOOGLE_KEY_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
   }
   const googleKey: ExpiryConfig["googleKey"] = googleKeyPath ? { kind: "file", path: googleKeyPath } : googleKeyName && vaultUrl ? { kind: "keyVault", vaultUrl, name: googleKeyName } : undefined;
-  if (!vaultUrl && !certPath && !checkApp && !clientSecretInSetting && !googleKey) {
+  // The delegated grant ends after the provider's inactivity limit unless a rotation renews it
+  // (shared/expiry/sources/refreshTokenSource.ts).
+  const refreshTokenPath = authMethod === "refresh-token" ? reader.raw("REFRESH_TOKEN_PATH") : undefined;
+  const refreshTokenName = authMethod === "refresh-token" && !refreshTokenPath ? reader.raw("REFRESH_TOKEN_NAME") : undefined;
+  if (refreshTokenName && !vaultUrl) {
+    reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set but REFRESH_TOKEN_NAME is. Set it to the vault's URI, e.g. https://my-vault.vault.azure.net" });
+  }
+  const refreshTokenAt: RefreshTokenLocation | undefined = refreshTokenPath ? { kind: "file", path: refreshTokenPath } : refreshTokenName && vaultUrl ? { kind: "keyVault", vaultUrl, name: refreshTokenName } : undefined;
+  const explicitTokenUrl = env["TOKEN_URL"]?.trim();
+  const refreshToken: ExpiryConfig["refreshToken"] = refreshTokenAt ? { location: refreshTokenAt, ...(explicitTokenUrl ? { tokenUrl: explicitTokenUrl } : {}) } : undefined;
+  if (!vaultUrl && !certPath && !checkApp && !clientSecretInSetting && !googleKey && !refreshToken) {
     reader.problems.push({ setting: "KEY_VAULT_URL", problem: "is not set, and neither is CERT_PATH nor EXPIRY_CHECK_APP_REGISTRATION=true: there is nothing to watch. Set KEY_VAULT_URL (and CERT_NAME), or CERT_PATH." });
   }
   const warnText = reader.raw("EXPIRY_WARN_DAYS") ?? "";
@@ -524,6 +689,7 @@ export function loadExpiryConfig(env: Env): ExpiryConfig {
     ...(certPath ? { certificateFile: { path: certPath, ...(certPassword ? { password: certPassword } : {}) } } : {}),
     ...(checkApp ? { appRegistration: { clientId } } : {}),
     ...(googleKey ? { googleKey } : {}),
+    ...(refreshToken ? { refreshToken } : {}),
     ...(clientSecretInSetting && !checkApp ? { unwatchedClientSecret: { setting: "CLIENT_SECRET" } } : {}),
     watchNames: (reader.raw("EXPIRY_WATCH_NAMES") ?? "").split(",").map((n) => n.trim()).filter(Boolean),
     warnDays: [...new Set(warnDays)].sort((a, b) => b - a),

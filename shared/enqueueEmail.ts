@@ -6,7 +6,7 @@ import { randomUUID } from "node:crypto";
 import type { QueueClient } from "@azure/storage-queue";
 import type { ContainerClient } from "@azure/storage-blob";
 import { MessageError, validateMessage } from "./message/validate.js";
-import type { EmailMessageInput } from "./message/schema.js";
+import type { ProducerMessageInput } from "./message/schema.js";
 import { encodeQueueText } from "./queue/mailQueue.js";
 
 /** Azure Storage's limit on a queue message, counted on the (base64) text we send. */
@@ -25,13 +25,27 @@ export interface EnqueueResult {
   claimCheck?: string;
 }
 
-export async function enqueueEmail(target: QueueClient | EnqueueTarget, message: EmailMessageInput): Promise<EnqueueResult> {
+/** The longest a queue message can stay invisible (Azure Queue Storage): 7 days. */
+const MAX_VISIBILITY_SECONDS = 7 * 24 * 60 * 60;
+
+/**
+ * A scheduled message rides the queue's initial visibility: nobody sees it before sendAt (up to 7
+ * days; a later one is seen early and hidden again by the sender). It never expires from the
+ * queue: the default time-to-live (7 days) would not outlast the visibility, and an expiring
+ * message must be poisoned with MESSAGE_EXPIRED, not vanish.
+ */
+function scheduling(sendAt: Date | undefined, now = Date.now()): { visibilityTimeout: number; messageTimeToLive: number } | undefined {
+  if (sendAt === undefined || sendAt.getTime() <= now) return undefined;
+  return { visibilityTimeout: Math.min(MAX_VISIBILITY_SECONDS, Math.ceil((sendAt.getTime() - now) / 1000)), messageTimeToLive: -1 };
+}
+
+export async function enqueueEmail(target: QueueClient | EnqueueTarget, message: ProducerMessageInput): Promise<EnqueueResult> {
   const { queue, attachments } = "sendMessage" in target ? { queue: target, attachments: undefined } : target;
   // Give every message an id up front, so a retried enqueue is recognisable as the same email.
-  const withId: EmailMessageInput = { ...message, id: message.id ?? randomUUID() };
+  const withId: ProducerMessageInput = { ...message, id: message.id ?? randomUUID() };
   const id = withId.id ?? "";
   // From defaults at send time; any syntactically valid placeholder lets validation run now.
-  validateMessage(withId, { from: withId.from ?? "sender@example.com", id });
+  const validated = validateMessage(withId, { from: withId.from ?? "sender@example.com", id });
   const json = JSON.stringify(withId);
   const jsonBytes = Buffer.byteLength(json);
   let text: string;
@@ -49,6 +63,6 @@ export async function enqueueEmail(target: QueueClient | EnqueueTarget, message:
   } else {
     text = encodeQueueText(json);
   }
-  const response = await queue.sendMessage(text);
+  const response = await queue.sendMessage(text, scheduling(validated.sendAt));
   return { queueMessageId: response.messageId, id, ...(claimCheck === undefined ? {} : { claimCheck }) };
 }

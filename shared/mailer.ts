@@ -5,6 +5,7 @@
 import type { ContainerClient } from "@azure/storage-blob";
 import { loadSendConfig, type Env, type SendConfig } from "./config.js";
 import { toMailerError } from "./errors.js";
+import { deliveryEventOf, deliveryEventRecorder } from "./events/deliveryEvents.js";
 import { lazy } from "./lazy.js";
 import type { Logger } from "./log.js";
 import { handleQueueMessage, type QueueMessageMeta } from "./queue/handleQueueMessage.js";
@@ -12,6 +13,7 @@ import { openMailQueues, writePoisonRecord, type MailQueues } from "./queue/mail
 import type { Outcome } from "./queue/outcome.js";
 import { fixContextFor } from "./doctor/fixes.js";
 import { circuitBreaker, type CircuitBreaker } from "./send/circuitBreaker.js";
+import { containerTemplates, directoryTemplates, noTemplates, type TemplateRenderer } from "./message/templates.js";
 import { createSender, type Sender } from "./send/sendEmail.js";
 import { openContainer } from "./storage/storageClients.js";
 
@@ -33,6 +35,8 @@ export function createMailer(config: SendConfig, logger: Logger, sender: Sender 
   // The circuit's one error line carries the same step and fix as `queue-mailer doctor`, with this
   // deployment's ids filled in.
   const circuit = circuitBreaker(config.queue, logger, Date.now, fixContextFor(config));
+  const events = deliveryEventRecorder(config.storage, logger);
+  const templates = templateRendererFor(config);
   return {
     config,
     sender,
@@ -45,10 +49,14 @@ export function createMailer(config: SendConfig, logger: Logger, sender: Sender 
         policy: config.queue,
         messages: config.messages,
         attachments,
+        templates,
         circuit,
         logger: invocationLogger,
       });
       if (outcome.status === "poison") await writePoisonRecord((await getQueues()).poison, outcome.record);
+      // Every outcome passes here, so this is the one place delivery events are written. Not
+      // awaited: an event never delays or fails a send (a lost one is logged).
+      events.record(deliveryEventOf(outcome, meta));
       return outcome;
     },
     async probe() {
@@ -62,9 +70,25 @@ export function createMailer(config: SendConfig, logger: Logger, sender: Sender 
         return false;
       }
     },
-    close: () => sender.close(),
+    async close() {
+      // Events still being written get a moment to land before the process goes.
+      await Promise.race([events.settled(), new Promise((resolve) => setTimeout(resolve, EVENTS_CLOSE_WAIT_MS).unref())]);
+      await sender.close();
+    },
   };
 }
+
+/** TEMPLATE_DIR wins over TEMPLATE_CONTAINER (see config.ts). */
+function templateRendererFor(config: SendConfig): TemplateRenderer {
+  const source = config.messages.templates ?? {};
+  if (source.dir !== undefined) return directoryTemplates(source.dir);
+  const container = source.container;
+  if (container !== undefined) return containerTemplates(lazy(() => openContainer(config.storage, container)));
+  return noTemplates;
+}
+
+/** How long close() waits for delivery events in flight. */
+const EVENTS_CLOSE_WAIT_MS = 5_000;
 
 let processMailer: Mailer | undefined;
 

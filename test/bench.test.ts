@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 // A normal small run takes well under a minute here; a run still going after this is hung.
 const LIMIT_MS = 4 * 60_000;
 
-it("npm run bench (small): one token, two Key Vault reads, a naive token per message, no throttling, every field", { timeout: LIMIT_MS + 30_000 }, async (t) => {
+it("npm run bench (small): one token, two Key Vault reads, a naive token per message, no throttling, Graph within 4 in flight, daily limit holds, every field", { timeout: LIMIT_MS + 30_000 }, async (t) => {
   const dir = mkdtempSync(join(tmpdir(), "qm-bench-"));
   const out = join(dir, "latest.json");
   try {
@@ -58,6 +58,27 @@ it("npm run bench (small): one token, two Key Vault reads, a naive token per mes
     assert.match(r.node, /^v\d+/);
     assert.ok(r.machine.cpus > 0);
     assert.equal(typeof r.targets.oneTokenRequest, "boolean");
+    // Templates cost: the same 60 messages written out and rendered, each delivered in full.
+    assert.equal(r.rates.oursPlain.messages, 60);
+    assert.equal(r.rates.oursTemplates.messages, 60);
+    assert.equal(typeof r.targets.templatesWithin10Percent, "boolean");
+    // Graph: ours and raw on the same 60 messages (min(N, 2000)), ours within Graph's 4 per mailbox.
+    assert.equal(r.rates.oursGraph.messages, 60);
+    assert.ok(r.rates.oursGraph.messagesPerSecond > 0, "oursGraph");
+    assert.equal(r.rates.rawGraph.messages, 60);
+    assert.ok(r.rates.rawGraph.messagesPerSecond > 0, "rawGraph");
+    assert.ok(r.ratios.oursGraphVsRawGraph > 0);
+    assert.ok(r.graph.requests >= 60, `${r.graph.requests} Graph requests for 60 messages`);
+    assert.ok(r.graph.maxInFlight >= 1 && r.graph.maxInFlight <= 4, `most in flight: ${r.graph.maxInFlight}`);
+    assert.equal(r.graph.throttled, 0);
+    assert.equal(r.graph.tokenRequests, 1);
+    assert.equal(typeof r.targets.graphAtLeast80PercentOfRaw, "boolean");
+    // The daily recipient limit holds: exactly `limit` sent, the rest waits in the queue, none poisoned.
+    assert.ok(r.dailyLimit.offered > r.dailyLimit.limit && r.dailyLimit.limit > 0);
+    assert.equal(r.dailyLimit.delivered, r.dailyLimit.limit);
+    assert.equal(r.dailyLimit.poisoned, 0);
+    assert.equal(r.dailyLimit.stillQueued, r.dailyLimit.offered - r.dailyLimit.limit);
+    assert.equal(r.targets.dailyLimitHolds, true);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -12,6 +12,7 @@ import { DAILY_RECIPIENT_TABLE } from "../shared/send/dailyRecipientBudget.js";
 import { MAILBOX_PAUSE_TABLE } from "../shared/send/mailboxPause.js";
 import { RATE_TABLE } from "../shared/send/rateLimiter.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
+import { DELIVERY_EVENTS_TABLE } from "../shared/events/deliveryEvents.js";
 
 const bicep = readFileSync("infra/main.bicep", "utf8");
 const specNames = settingSpecs.map((s) => s.name);
@@ -242,7 +243,7 @@ describe("infra/main.bicep resources", () => {
 
   it("creates every table the code uses", () => {
     const tables = /^var appTables = \[([\s\S]*?)\]/m.exec(bicep)?.[1] ?? "";
-    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE, MAILBOX_PAUSE_TABLE, DAILY_RECIPIENT_TABLE]) {
+    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE, MAILBOX_PAUSE_TABLE, DAILY_RECIPIENT_TABLE, DELIVERY_EVENTS_TABLE]) {
       assert.match(tables, new RegExp(`'${table}'`), `table ${table}`);
     }
     const [block] = resourceBlock("Microsoft.Storage/storageAccounts/tableServices/tables");

@@ -1,6 +1,7 @@
 // Everything the sender talks to, on loopback, with real protocols: Azurite for the queue, an
 // OAuth server (oidc-provider) that verifies our client credentials (certificate assertions, client
-// secrets, the password grant), and an SMTP server that
+// secrets, the password grant) and signs the mailbox user in for AUTH_METHOD=refresh-token
+// (authorization code with PKCE, device code, rotating refresh tokens), and an SMTP server that
 // requires STARTTLS and XOAUTH2 and checks the token it gets. With `transport: "graph"` also a
 // Microsoft Graph mail double (HTTPS, same CA) that checks Graph tokens from the same OAuth server.
 // Used by `npm run local`, the tests and the benchmark. `env` holds the settings that point the
@@ -15,6 +16,7 @@ import { startOAuthServer, GRAPH_RESOURCE, type OAuthServer } from "./oauthServe
 import { startGraphMailServer, type GraphMailServer } from "./graphMailServer.js";
 import { GOOGLE_MAIL_SCOPE, startGoogleTokenServer, type GoogleServiceAccountKeyJson, type GoogleTokenServer } from "./googleTokenServer.js";
 import { startSmtpSink, type SmtpSink, type SmtpSinkOptions } from "./smtpSink.js";
+import { fileRefreshTokenStore } from "../../shared/auth/refreshTokenStore.js";
 
 export const LOCAL_CLIENT_ID = "00000000-0000-4000-8000-00000000c0de";
 export const LOCAL_TENANT_ID = "local-tenant";
@@ -23,6 +25,11 @@ export const LOCAL_MAILBOX = "mailer@contoso.test";
 export const LOCAL_SECRET_CLIENT_ID = "00000000-0000-4000-8000-0000005ec7e7";
 /** Public client ("Allow public client flows"), for AUTH_METHOD=password. */
 export const LOCAL_PUBLIC_CLIENT_ID = "00000000-0000-4000-8000-00000000b1c0";
+/**
+ * "Mobile and desktop applications" app registration with the redirect http://localhost, for
+ * AUTH_METHOD=refresh-token (`queue-mailer authorize`, browser or device code; refresh tokens rotate).
+ */
+export const LOCAL_DELEGATED_CLIENT_ID = "00000000-0000-4000-8000-0000000de1e9";
 
 export interface LocalStackOptions {
   /** Where the CA lives; processes that talk to the SMTP server trust `${caDir}/ca.pem`. */
@@ -43,6 +50,11 @@ export interface LocalStackOptions {
    * double and TOKEN_SCOPE for Graph; the SMTP sink runs as well.
    */
   transport?: "smtp" | "graph";
+  /**
+   * AUTH_METHOD=refresh-token: sign LOCAL_MAILBOX in without a browser and store the refresh token
+   * in `refreshTokenPath` (default true). false: nothing is stored until `queue-mailer authorize` runs.
+   */
+  authorizeRefreshToken?: boolean;
 }
 
 export interface LocalStack {
@@ -64,13 +76,20 @@ export interface LocalStack {
    * Mail.ReadWrite consented; delegated: the scopes the password grant asked for).
    */
   graph?: GraphMailServer;
+  /**
+   * AUTH_METHOD=refresh-token only: REFRESH_TOKEN_PATH in `env` (written only with
+   * `authorizeRefreshToken`, else by `queue-mailer authorize`).
+   */
+  refreshTokenPath?: string;
+  /** LOCAL_MAILBOX's password (fresh per stack): what a user types on the sign-in page. */
+  mailboxPassword: string;
   /** Settings for the sender (worker or function). */
   env: Record<string, string>;
   stop(): Promise<void>;
 }
 
 /** The settings of one auth method, pointed at the local servers. */
-function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath: string; clientSecret: string; mailboxPassword: string; googleKeyPath?: string }): Record<string, string> {
+function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath: string; clientSecret: string; mailboxPassword: string; googleKeyPath?: string; refreshTokenPath: string }): Record<string, string> {
   switch (method) {
     case "certificate":
       return { AUTH_METHOD: "certificate", TENANT_ID: LOCAL_TENANT_ID, CLIENT_ID: LOCAL_CLIENT_ID, TOKEN_URL: local.oauth.tokenUrl, TOKEN_SCOPE: local.oauth.scope, CERT_PATH: local.certPath };
@@ -82,6 +101,17 @@ function authSettings(method: AuthMethod, local: { oauth: OAuthServer; certPath:
       // No TOKEN_URL or TOKEN_SCOPE: the key's token_uri and the method's default scope are used,
       // as with a key downloaded from Google.
       return { AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: local.googleKeyPath ?? "" };
+    case "refresh-token":
+      return {
+        AUTH_METHOD: "refresh-token",
+        TENANT_ID: LOCAL_TENANT_ID,
+        CLIENT_ID: LOCAL_DELEGATED_CLIENT_ID,
+        TOKEN_URL: local.oauth.tokenUrl,
+        AUTHORIZE_URL: local.oauth.authorizeUrl,
+        DEVICE_CODE_URL: local.oauth.deviceCodeUrl,
+        TOKEN_SCOPE: local.oauth.delegatedRefreshScope,
+        REFRESH_TOKEN_PATH: local.refreshTokenPath,
+      };
     default:
       throw new Error(`the local stack cannot serve AUTH_METHOD=${method} yet`);
   }
@@ -96,6 +126,7 @@ function graphScope(method: AuthMethod, oauth: OAuthServer): string {
   if (method === "google-service-account") {
     throw new Error("transport \"graph\" needs a Microsoft AUTH_METHOD: a Google service account token is not accepted by Microsoft Graph");
   }
+  if (method === "refresh-token") return `${oauth.graphDelegatedScope} offline_access`;
   return method === "password" ? oauth.graphDelegatedScope : oauth.graphScope;
 }
 
@@ -128,6 +159,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       clients: [
         { clientId: LOCAL_SECRET_CLIENT_ID, auth: "client_secret_post", secret: clientSecret },
         { clientId: LOCAL_PUBLIC_CLIENT_ID, auth: "none" },
+        { clientId: LOCAL_DELEGATED_CLIENT_ID, auth: "none", redirectUris: ["http://localhost"] },
       ],
       users: [{ username: LOCAL_MAILBOX, password: mailboxPassword }],
       // With Graph, admin consent as a Graph sender needs it: Mail.Send for sendMail, Mail.ReadWrite for
@@ -158,6 +190,14 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       ...(options.fault === undefined ? {} : { fault: options.fault }),
     }));
     const authMethod = options.authMethod ?? "certificate";
+    const refreshTokenPath = resolve(join(options.workDir, "refresh-token.json"));
+    if (authMethod === "refresh-token" && options.authorizeRefreshToken !== false) {
+      // What `queue-mailer authorize` leaves behind, without the browser: the user's consent and
+      // a refresh token (rotating from its first use) in REFRESH_TOKEN_PATH.
+      const scope = options.transport === "graph" ? graphScope(authMethod, oauth) : oauth.delegatedRefreshScope;
+      const token = await oauth.issueRefreshToken(LOCAL_DELEGATED_CLIENT_ID, LOCAL_MAILBOX, scope);
+      await fileRefreshTokenStore(refreshTokenPath).write({ token, user: LOCAL_MAILBOX, authorizedAt: new Date() });
+    }
     let graphSettings: Record<string, string> = {};
     if (options.transport === "graph") {
       const scope = graphScope(authMethod, oauth);
@@ -173,7 +213,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
     const env: Record<string, string> = {
       AzureWebJobsStorage: azurite.connectionString,
       MAIL_QUEUE: "outbound-email",
-      ...authSettings(authMethod, { oauth, certPath, clientSecret, mailboxPassword, ...(google ? { googleKeyPath: google.keyPath } : {}) }),
+      ...authSettings(authMethod, { oauth, certPath, clientSecret, mailboxPassword, refreshTokenPath, ...(google ? { googleKeyPath: google.keyPath } : {}) }),
       SMTP_HOST: "127.0.0.1",
       SMTP_PORT: String(smtp.port),
       SMTP_USER: LOCAL_MAILBOX,
@@ -193,6 +233,8 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       certPath,
       ...(google ? { google } : {}),
       ...(openedGraph ? { graph: openedGraph } : {}),
+      ...(authMethod === "refresh-token" ? { refreshTokenPath } : {}),
+      mailboxPassword,
       env,
       async stop() {
         await Promise.allSettled([smtp.close(), openedGraph?.close(), openedOauth.close(), googleVerifier?.close(), azurite.stop()]);

@@ -48,17 +48,49 @@
 // - verifyAccessToken(token, user, resource, permission) says why a token is refused (`problem`):
 //   "invalid" / "expired" / "audience" (a resource server answers 401) or "permission" / "user" (the
 //   token is good but does not allow this: 403).
-import { createHash, generateKeyPairSync, randomUUID, X509Certificate } from "node:crypto";
+//
+// Delegated sign-in (AUTH_METHOD=refresh-token, `queue-mailer authorize`): a client registered with
+// `redirectUris` is a "Mobile and desktop" app registration (oidc-provider's native application
+// type: a loopback redirect such as http://localhost matches any port, RFC 8252 7.3) that may use
+// - the authorization code grant with PKCE (S256 required for every client here, as Entra does for
+//   public clients), at `authorizeUrl`. The sign-in and consent pages are plain HTML forms under
+//   /interaction/<uid> that a test drives with fetch (redirect: "manual", cookies kept): a login form
+//   (username, password; a user who "requires MFA" passes, since an interactive sign-in can do
+//   MFA) and a consent page with an accept and a decline form (decline → error=access_denied,
+//   AADSTS65004, at the redirect URI). offline_access is honoured without prompt=consent, as by Entra;
+//   openid/profile/email give an ID token with preferred_username.
+// - the device authorization grant (RFC 8628) at `deviceCodeUrl`, with Microsoft's answer shape
+//   (`interval`, `message`); the user enters the code at `verificationUrl` (oidc-provider's own
+//   forms: user code, then confirm), then signs in and consents as above. Polling rules are enforced:
+//   a poll sooner than the current interval is answered slow_down and the interval grows by 5 s;
+//   slowDownNextDevicePoll() makes the next pending poll a slow_down too (a busy server), and
+//   stats.devicePolls records every poll with its answer.
+// - refresh tokens (offline_access) that ROTATE on every use (rotateRefreshToken), with reuse
+//   detection: a rotated-out refresh token that comes back revokes its whole family (oidc-provider
+//   destroys the grant and every token of it; this file's adapter implements revokeByGrantId for
+//   that), counted in stats.familiesRevoked. Entra itself rotates but does not revoke on reuse;
+//   Okta, Auth0 and oidc-provider do, so this is the stricter server to test against.
+// Delegated tokens carry `scp` (the permissions without the resource prefix), `upn` and `oid`, like
+// the password grant's. Refusals of grants are answered in Entra's codes: 70008 expired, 50173
+// revoked (family or user revoked, grant gone), 70000 a rotated-out or unknown refresh token,
+// 54005 code already redeemed, 501481 PKCE mismatch, 70016 authorization_pending, 70019 expired
+// device code, 65004 declined. revokeUserGrants(user) is an admin's "revoke sessions";
+// issueRefreshToken(client, user, scope) signs a user in without a browser (the local stack).
+import { createHash, generateKeyPairSync, randomBytes, randomUUID, X509Certificate } from "node:crypto";
 import type { KeyObject } from "node:crypto";
-import { createServer } from "node:http";
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { jwtVerify } from "jose";
 // @ts-ignore -- oidc-provider ships no types and @types/oidc-provider is not a dependency (ts-ignore,
 // not ts-expect-error, so that adding those types later does not break the build).
 import Provider, { errors } from "oidc-provider";
 
-/** One app registration, as the token endpoint authenticates it. */
-export type ClientRegistration =
+/**
+ * One app registration, as the token endpoint authenticates it. With `redirectUris` it is also a
+ * "Mobile and desktop applications" platform: authorization code (PKCE), device code and refresh
+ * token grants for a signed-in user (an empty list: device code only).
+ */
+export type ClientRegistration = (
   | { clientId: string; auth: "private_key_jwt"; certificatePem: string }
   | {
       clientId: string;
@@ -68,7 +100,8 @@ export type ClientRegistration =
       secretExpiresAt?: Date;
     }
   /** A public client ("Allow public client flows"): the password grant, no client credential. */
-  | { clientId: string; auth: "none" };
+  | { clientId: string; auth: "none" }
+) & { redirectUris?: string[] };
 
 /** A user the password grant signs in. */
 export interface UserAccount {
@@ -109,6 +142,10 @@ export interface OAuthServerOptions {
   graph?: { roles?: string[]; delegatedPermissions?: string[] };
   /** Default 3600. */
   accessTokenTtlSeconds?: number;
+  /** Device flow: the polling interval announced (Microsoft: 5). Default 5. */
+  deviceCodeIntervalSeconds?: number;
+  /** Lifetime of each refresh token; a rotation issues a fresh one. Default 90 days (Entra's inactivity limit). */
+  refreshTokenTtlSeconds?: number;
 }
 
 /**
@@ -175,8 +212,43 @@ export interface OAuthServer {
     errors: Array<{ error: string; detail?: string }>;
     /** Every token request that reached oidc-provider (injected failures are not), in order. */
     requests: TokenRequestRecord[];
+    /** Refresh token families revoked because a rotated-out token was used again. */
+    familiesRevoked: number;
+    /** Device flow polls, in order: when (ms) and the answer (an error word, or "issued"). */
+    devicePolls: Array<{ at: number; answer: string }>;
+    /** Device polls that came sooner than the interval in force but could not be refused (the code was ready). */
+    devicePollsTooEarly: number;
   };
   resetStats(): void;
+  /** http://host:port/<tenant>/oauth2/v2.0/authorize: AUTHORIZE_URL. */
+  authorizeUrl: string;
+  /** http://host:port/<tenant>/oauth2/v2.0/devicecode: DEVICE_CODE_URL. */
+  deviceCodeUrl: string;
+  /** Where a device-flow user enters the code (Microsoft: https://microsoft.com/devicelogin). */
+  verificationUrl: string;
+  /** `${resource}/SMTP.Send offline_access`: delegated SMTP with a refresh token (AUTH_METHOD=refresh-token). */
+  delegatedRefreshScope: string;
+  /**
+   * Signs `username` in to `clientId` without a browser, as if they had consented to `scope` (which
+   * must include offline_access), and returns the refresh token: a new family.
+   */
+  issueRefreshToken(clientId: string, username: string, scope: string): Promise<string>;
+  /** An admin's "revoke sessions": every grant and token of the user is gone (next redemption: AADSTS50173). */
+  revokeUserGrants(username: string): void;
+  /** Live refresh token families of the user for the client: grants with an unused, unexpired refresh token. */
+  refreshTokenFamilies(username: string, clientId?: string): number;
+  /** The next device poll that would be answered authorization_pending is answered slow_down (interval + 5 s). */
+  slowDownNextDevicePoll(): void;
+  /**
+   * From now on every token request is answered `ms` later (a slow identity provider), in the order
+   * they arrived; 0 turns it off. Widens the window in which two clients redeem at once.
+   */
+  delayTokenResponses(ms: number): void;
+  /**
+   * Every secret value that crossed this server (authorization codes, PKCE verifiers, device codes,
+   * refresh, access and ID tokens, client secrets, passwords), for tests that search output for them.
+   */
+  secretsSeen(): string[];
   /** The next `count` token requests get this answer instead (e.g. 503, or 400 with an AADSTS body). */
   failNext(count: number, status: number, body: unknown, headers?: Record<string, string>): void;
   close(): Promise<void>;
@@ -187,11 +259,14 @@ export interface OAuthServer {
 interface Ctx {
   method: string;
   path: string;
+  /** Koa: the parsed query string; assigning it rewrites the request's query. */
+  query: Record<string, string | string[] | undefined>;
   status: number;
   body: unknown;
   headers: Record<string, string | undefined>;
   set(headers: Record<string, string>): void;
   oidc?: {
+    route?: string;
     params?: Record<string, unknown>;
     body?: Record<string, unknown>;
     client?: { clientId: string; clientAuthMethod: string };
@@ -227,10 +302,20 @@ const AADSTS_TEXT: Record<number, string> = {
   70003: "The app requested an unsupported grant type.",
   9002313: "Invalid request. Request is malformed or invalid.",
   50000: "There was an error issuing a token.",
+  70008: "The provided authorization code or refresh token has expired due to inactivity. Send a new interactive authorization request for this user and resource.",
+  50173: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user might have changed or reset their password.",
+  70000: "The provided value for the input parameter 'refresh_token' or 'assertion' is not valid.",
+  54005: "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an existing refresh token.",
+  501481: "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
+  70016: "OAuth 2.0 device flow error. Authorization is pending. Continue polling.",
+  70019: "Verification code expired.",
+  65004: "User declined to consent to access the app.",
 };
 
 /** Entra adds a suberror to answers that a user could resolve interactively. */
 const AADSTS_SUBERROR: Record<number, string> = { 50076: "basic_action", 50079: "basic_action" };
+
+const DEVICE_CODE_GRANT = "urn:ietf:params:oauth:grant-type:device_code";
 
 /** The delegated permission Exchange Online requires for SMTP AUTH with a user's token. */
 const DELEGATED_SMTP_PERMISSION = "SMTP.Send";
@@ -262,6 +347,17 @@ function aadstsCode(error: string, detail: string, status: number, client: { reg
     if (/expired|not active|nbf|exp\b/i.test(detail)) return 700024;
     return 50013;
   }
+  if (error === "invalid_grant") {
+    // Refresh tokens, authorization codes and device codes (the password grant names its own codes).
+    if (/PKCE/i.test(detail)) return 501481;
+    if (/authorization code/.test(detail) && /consumed|already/.test(detail)) return 54005;
+    if (/expired/.test(detail)) return 70008;
+    if (/already used/.test(detail)) return 70000;
+    return 50173;
+  }
+  if (error === "authorization_pending") return 70016;
+  if (error === "expired_token") return 70019;
+  if (error === "access_denied") return 65004;
   if (error === "invalid_scope") return 1002012;
   if (error === "invalid_target") return 500011;
   if (error === "unsupported_grant_type") return 70003;
@@ -270,35 +366,51 @@ function aadstsCode(error: string, detail: string, status: number, client: { reg
 
 const base64url = (bytes: Buffer) => bytes.toString("base64url");
 
+const escapeHtml = (text: string) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+
+/** The sign-in pages: plain forms, no script, no external resources. */
+const htmlPage = (title: string, body: string) =>
+  `<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>${escapeHtml(title)}</title></head><body><h1>${escapeHtml(title)}</h1>${body}</body></html>`;
+
 // Entra keeps assertions and tokens in its own store; oidc-provider's default memory adapter is
 // module-global (shared by every server in a process) and warns on each start, so use a per-server map.
 // Clients come from `clients` (oidc-provider's adapter lookup for non-static clients), so that a
 // registration can change while the server runs: a changed one hashes differently and is rebuilt.
-function memoryAdapter(clients: Map<string, Record<string, unknown>>) {
-  const store = new Map<string, { payload: Record<string, unknown>; expiresAt: number }>();
+// The lookups oidc-provider needs for interactions (by uid), the device flow (by user code) and
+// family revocation (every token of a grant) scan the map: a local server holds a few hundred entries.
+type AdapterStore = Map<string, { model: string; payload: Record<string, unknown>; expiresAt: number }>;
+
+function memoryAdapter(clients: Map<string, Record<string, unknown>>, store: AdapterStore) {
   return (model: string) => {
     const key = (id: string) => `${model}:${id}`;
+    const live = (entry: { expiresAt: number } | undefined) => entry !== undefined && entry.expiresAt > Date.now();
     const find = async (id: string) => {
       if (model === "Client") return clients.get(id);
       const entry = store.get(key(id));
-      if (entry && entry.expiresAt <= Date.now()) store.delete(key(id));
-      return entry && entry.expiresAt > Date.now() ? entry.payload : undefined;
+      if (entry && !live(entry)) store.delete(key(id));
+      return live(entry) ? entry!.payload : undefined;
+    };
+    const findBy = (field: string, value: string) => {
+      for (const entry of store.values()) if (entry.model === model && live(entry) && entry.payload[field] === value) return entry.payload;
+      return undefined;
     };
     return {
       async upsert(id: string, payload: Record<string, unknown>, expiresIn?: number) {
         const now = Date.now();
         for (const [k, v] of store) if (v.expiresAt <= now) store.delete(k);
-        store.set(key(id), { payload, expiresAt: expiresIn ? now + expiresIn * 1000 : Infinity });
+        store.set(key(id), { model, payload, expiresAt: expiresIn ? now + expiresIn * 1000 : Infinity });
       },
       find,
-      async findByUid() { return undefined; },
-      async findByUserCode() { return undefined; },
+      async findByUid(uid: string) { return findBy("uid", uid); },
+      async findByUserCode(userCode: string) { return findBy("userCode", userCode); },
       async consume(id: string) {
         const payload = await find(id);
         if (payload) payload.consumed = Math.floor(Date.now() / 1000);
       },
       async destroy(id: string) { store.delete(key(id)); },
-      async revokeByGrantId() {},
+      async revokeByGrantId(grantId: string) {
+        for (const [k, entry] of store) if (entry.model === model && entry.payload.grantId === grantId) store.delete(k);
+      },
     };
   };
 }
@@ -377,6 +489,11 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const served = servedResources(resource, { roles, delegatedPermissions }, options.graph);
   const tokenPath = `/${tenant}/oauth2/v2.0/token`;
   const jwksPath = `/${tenant}/discovery/v2.0/keys`;
+  const authorizePath = `/${tenant}/oauth2/v2.0/authorize`;
+  const deviceCodePath = `/${tenant}/oauth2/v2.0/devicecode`;
+  const verificationPath = "/devicelogin";
+  const deviceInterval = options.deviceCodeIntervalSeconds ?? 5;
+  const refreshTtl = options.refreshTokenTtlSeconds ?? 90 * 86_400;
 
   const clientMetadata = new Map<string, Record<string, unknown>>();
   const thumbprintsByClient = new Map<string, { "x5t#S256": string; x5t: string }>();
@@ -384,6 +501,19 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
 
   function registerClient(client: ClientRegistration): void {
     const common = { client_id: client.clientId, response_types: [], redirect_uris: [] };
+    // A "Mobile and desktop" platform: the user signs in (code with PKCE, or device code) and the
+    // app lives on rotating refresh tokens.
+    const delegated = client.redirectUris === undefined
+      ? { grant_types: [] as string[] }
+      : {
+          application_type: "native",
+          // Entra registers "http://localhost"; URL form ("http://localhost/") so that the request's
+          // "http://localhost:<port>/" matches it once oidc-provider drops the loopback port.
+          redirect_uris: client.redirectUris.map((uri) => new URL(uri).href),
+          response_types: client.redirectUris.length > 0 ? ["code"] : [],
+          grant_types: [...(client.redirectUris.length > 0 ? ["authorization_code"] : []), "refresh_token", DEVICE_CODE_GRANT],
+        };
+    const withDelegated = (metadata: Record<string, unknown> & { grant_types: string[] }) => ({ ...metadata, ...delegated, grant_types: [...metadata.grant_types, ...delegated.grant_types] });
     thumbprintsByClient.delete(client.clientId);
     switch (client.auth) {
       case "private_key_jwt": {
@@ -394,22 +524,22 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
         });
         // No `alg` on the registered key, so the same key verifies both PS256 and RS256 assertions.
         const jwk = certificate.publicKey.export({ format: "jwk" });
-        clientMetadata.set(client.clientId, { ...common, token_endpoint_auth_method: "private_key_jwt", jwks: { keys: [jwk] }, grant_types: ["client_credentials", "password"] });
+        clientMetadata.set(client.clientId, withDelegated({ ...common, token_endpoint_auth_method: "private_key_jwt", jwks: { keys: [jwk] }, grant_types: ["client_credentials", "password"] }));
         break;
       }
       case "client_secret_post":
       case "client_secret_basic":
-        clientMetadata.set(client.clientId, {
+        clientMetadata.set(client.clientId, withDelegated({
           ...common,
           token_endpoint_auth_method: client.auth,
           client_secret: client.secret,
           // oidc-provider refuses a client whose secret has expired; 0 means never.
           client_secret_expires_at: client.secretExpiresAt ? Math.floor(client.secretExpiresAt.getTime() / 1000) : 0,
           grant_types: ["client_credentials", "password"],
-        });
+        }));
         break;
       case "none":
-        clientMetadata.set(client.clientId, { ...common, token_endpoint_auth_method: "none", grant_types: ["password"] });
+        clientMetadata.set(client.clientId, withDelegated({ ...common, token_endpoint_auth_method: "none", grant_types: ["password"] }));
         break;
     }
   }
@@ -426,7 +556,16 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const signingKid = randomUUID();
   const signingPublicKey: KeyObject = signing.publicKey;
 
-  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [], requests: [] };
+  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [], requests: [], familiesRevoked: 0, devicePolls: [], devicePollsTooEarly: 0 };
+  const adapterStore: AdapterStore = new Map();
+  const seen = new Set<string>();
+  const remember = (value: unknown) => {
+    if (typeof value === "string" && value.length >= 8) seen.add(value);
+  };
+  /** Device flow polling state per device code: the interval in force and the last poll. */
+  const devicePolling = new Map<string, { intervalMs: number; lastAt: number }>();
+  let slowDownNext = false;
+  let tokenDelayMs = 0;
   const injected: Array<{ status: number; body: unknown; headers?: Record<string, string> }> = [];
   const failures = new WeakMap<object, ProviderError & { registered: string | undefined; sent: SentClientAuthentication }>();
   /** Answers decided by this file's own checks: an Entra code with its text's values, or a plain OAuth error. */
@@ -434,7 +573,17 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
 
   // The issuer must contain the real port, so listen first and attach the provider afterwards.
   let handler: ((req: unknown, res: unknown) => void) | undefined;
-  const server = createServer((req, res) => handler!(req, res));
+  const server = createServer((req, res) => {
+    // The sign-in and consent pages are this file's; everything else is oidc-provider's.
+    if ((req.url ?? "").startsWith("/interaction/")) {
+      handleInteraction(req, res).catch((error: unknown) => {
+        if (!res.headersSent) res.writeHead(500, { "content-type": "text/html; charset=utf-8" });
+        res.end(htmlPage("Error", `<p>${escapeHtml((error as Error).message)}</p>`));
+      });
+      return;
+    }
+    handler!(req, res);
+  });
   const host = options.host ?? "127.0.0.1";
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
@@ -444,6 +593,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const origin = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
   const issuer = `${origin}/${tenant}/v2.0`;
   const tokenUrl = `${origin}${tokenPath}`;
+  const userByOid = (oid: unknown) => [...users.values()].find((u) => u.oid === oid);
 
   /** `identifier` is the resource as the request named it: it becomes the token's audience. */
   const resourceServerInfo = (identifier: string, scopeValue: string) => ({ scope: scopeValue, audience: identifier, accessTokenTTL: ttl, accessTokenFormat: "jwt", jwt: { sign: { alg: "RS256" } } });
@@ -471,33 +621,90 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   }
 
   const provider = new Provider(issuer, {
-    adapter: memoryAdapter(clientMetadata),
+    adapter: memoryAdapter(clientMetadata, adapterStore),
     jwks: { keys: [{ ...signing.privateKey.export({ format: "jwk" }), kid: signingKid, use: "sig", alg: "RS256" }] },
     clients: [],
     clientAuthMethods: ["private_key_jwt", "client_secret_post", "client_secret_basic", "none"],
     enabledJWA: { clientAuthSigningAlgValues: ["PS256", "RS256"] },
-    routes: { token: tokenPath, jwks: jwksPath },
-    ttl: { ClientCredentials: ttl, AccessToken: ttl },
+    routes: { token: tokenPath, jwks: jwksPath, authorization: authorizePath, device_authorization: deviceCodePath, code_verification: verificationPath },
+    ttl: {
+      ClientCredentials: ttl,
+      AccessToken: ttl,
+      IdToken: ttl,
+      // Entra: codes live minutes, device codes 15 minutes, refresh tokens 90 days from their last use.
+      AuthorizationCode: 600,
+      DeviceCode: 900,
+      RefreshToken: refreshTtl,
+      Grant: refreshTtl,
+      Session: refreshTtl,
+      Interaction: 3600,
+    },
+    cookies: { keys: [randomBytes(32).toString("base64url")] },
+    // Every authorization request must carry a PKCE S256 challenge (Entra requires it of public
+    // clients; stricter here for confidential ones too, so the CLI's PKCE is always verified).
+    pkce: { required: () => true },
+    // Each redemption rotates the refresh token; a rotated-out one that comes back revokes the family.
+    rotateRefreshToken: true,
+    // The ID token carries the profile claims (Entra puts preferred_username in it), not only userinfo.
+    conformIdTokenClaims: false,
+    claims: { openid: ["sub"], profile: ["name", "preferred_username", "oid", "tid"], email: ["email"] },
+    async findAccount(_ctx: unknown, sub: string) {
+      const user = userByOid(sub);
+      if (!user) return undefined;
+      return {
+        accountId: sub,
+        async claims() {
+          return { sub, preferred_username: user.username, name: user.username.split("@")[0], email: user.username, oid: user.oid, tid: tenant };
+        },
+      };
+    },
     features: {
       devInteractions: { enabled: false },
       clientCredentials: { enabled: true },
+      // Delegated tokens are for the resource named in the scope, never userinfo tokens.
+      userinfo: { enabled: false },
+      deviceFlow: {
+        enabled: true,
+        charset: "base-20",
+        mask: "****-****",
+        async userCodeInputSource(ctx: Ctx, form: string, _out: unknown, err?: { userCode?: string; name?: string }) {
+          ctx.body = htmlPage("Enter code", `${err ? `<p class="error">${err.userCode || err.name === "NoCodeError" ? "That code is not valid. Check it and try again." : "There was an error processing your request."}</p>` : "<p>Enter the code shown on your device.</p>"}${form}<button type="submit" form="op.deviceInputForm">Next</button>`);
+        },
+        async userCodeConfirmSource(ctx: Ctx, form: string, client: { clientId: string }, _deviceInfo: unknown, userCode: string) {
+          ctx.body = htmlPage("Confirm", `<p>Sign in to ${escapeHtml(client.clientId)} with code <code>${escapeHtml(userCode)}</code>?</p>${form}<button type="submit" form="op.deviceConfirmForm">Continue</button>`);
+        },
+        async successSource(ctx: Ctx) {
+          ctx.body = htmlPage("Signed in", "<p>You have signed in to the application on your device. You may now close this window.</p>");
+        },
+      },
       resourceIndicators: {
         enabled: true,
-        // Microsoft names the resource inside the scope ("<resource>/.default") rather than with RFC 8707's
-        // `resource` parameter: derive it from there so oidc-provider issues an audience-restricted JWT.
-        async defaultResource(ctx: { oidc: { params: { scope?: string } } }, _client: unknown, oneOf?: string[]) {
+        // Microsoft names the resource inside the scope ("<resource>/.default", "<resource>/SMTP.Send")
+        // rather than with RFC 8707's `resource` parameter: derive it from there so oidc-provider
+        // issues an audience-restricted JWT.
+        async defaultResource(ctx: { oidc: { route?: string; params: { scope?: string; grant_type?: string } } }, _client: unknown, oneOf?: string[]) {
           if (oneOf) return oneOf;
-          const requested = (ctx.oidc.params.scope ?? "").split(" ").filter((s) => s.endsWith("/.default"));
-          if (requested.length !== 1) {
-            throw new errors.InvalidScope("scope must be exactly one <resource>/.default value", ctx.oidc.params.scope);
+          const items = (ctx.oidc.params.scope ?? "").split(" ").filter(Boolean);
+          if (ctx.oidc.route === "token" && ctx.oidc.params.grant_type === "client_credentials") {
+            const requested = items.filter((s) => s.endsWith("/.default"));
+            if (requested.length !== 1) {
+              throw new errors.InvalidScope("scope must be exactly one <resource>/.default value", ctx.oidc.params.scope);
+            }
+            return indicatorOf(requested[0]!.slice(0, -"/.default".length));
           }
-          return indicatorOf(requested[0]!.slice(0, -"/.default".length));
+          // Delegated (sign-in, device code, refresh): the one resource the permissions name; none
+          // at a code or device-code redemption, which uses the resource of the grant.
+          const named = [...new Set(items.filter((s) => !OIDC_SCOPES.has(s) && s.lastIndexOf("/") > 0).map((s) => s.slice(0, s.lastIndexOf("/"))))];
+          if (named.length > 1) throw new errors.InvalidScope(`scope names more than one resource (${named.join(", ")})`, ctx.oidc.params.scope);
+          return named.length === 1 ? indicatorOf(named[0]!) : undefined;
         },
-        // The resource server's scope is what lets the (non-OIDC) ".default" scope through into the token.
+        // The resource server's scope is what lets the (non-OIDC) ".default" scope, and the delegated
+        // permissions consented for the resource, through into the token.
         async getResourceServerInfo(_ctx: unknown, indicator: string) {
           const identifier = identifierOf(indicator);
-          if (!served.get(identifier)) throw new errors.InvalidTarget(`resource ${identifier} is not served here`);
-          return resourceServerInfo(identifier, `${identifier}/.default`);
+          const target = served.get(identifier);
+          if (!target) throw new errors.InvalidTarget(`resource ${identifier} is not served here`);
+          return resourceServerInfo(identifier, [".default", ...target.delegatedPermissions].map((p) => `${identifier}/${p}`).join(" "));
         },
         async useGrantedResource() {
           return false;
@@ -511,6 +718,18 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
         const user = [...users.values()].find((u) => u.oid === token.accountId);
         const scp = String((token as { scope?: string }).scope ?? "");
         return { scp, upn: user?.username, unique_name: user?.username, oid: token.accountId, appid: token.clientId, azp: token.clientId, tid: tenant };
+      }
+      if (token.accountId !== undefined) {
+        // A signed-in user (authorization code, device code, refresh token): `scp` holds the
+        // permissions without their resource prefix, ".default" standing for all consented ones.
+        assertRegisteredSecretTransport(ctx);
+        const user = userByOid(token.accountId);
+        const target = served.get(identifierOf(token.resourceServer?.identifier() ?? resource));
+        const permissions = String((token as { scope?: string }).scope ?? "").split(" ").filter((item) => item && !OIDC_SCOPES.has(item)).flatMap((item) => {
+          const permission = item.slice(item.lastIndexOf("/") + 1);
+          return permission === ".default" ? (target?.delegatedPermissions ?? []) : [permission];
+        });
+        return { scp: [...new Set(permissions)].join(" "), upn: user?.username, unique_name: user?.username, oid: token.accountId, appid: token.clientId, azp: token.clientId, tid: tenant };
       }
       assertRegisteredSecretTransport(ctx);
       // The application permissions consented for the resource this token is for.
@@ -597,6 +816,10 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     failures.set(ctx, { ...err, message: err.message, registered: ctx.oidc?.client?.clientAuthMethod, sent: sentClientAuthentication(ctx) });
     stats.errors.push({ error: err.error ?? err.message, detail: err.error_detail ?? err.error_description });
   });
+  // Reuse of a rotated-out refresh token: oidc-provider destroyed the grant and all its tokens.
+  provider.on("grant.revoked", () => {
+    stats.familiesRevoked++;
+  });
   provider.on("server_error", (ctx: Ctx, err: ProviderError) => {
     failures.set(ctx, { ...err, message: err.message, registered: ctx.oidc?.client?.clientAuthMethod, sent: sentClientAuthentication(ctx) });
     stats.errors.push({ error: "server_error", detail: err.message });
@@ -604,6 +827,25 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
 
   // Runs around oidc-provider's router: injected failures, stats, and Microsoft-shaped response bodies.
   provider.use(async (ctx: Ctx, next: () => Promise<void>) => {
+    if (ctx.method === "GET" && ctx.path === authorizePath) {
+      // Entra issues a refresh token for offline_access without prompt=consent; oidc-provider
+      // (following OpenID Connect) drops offline_access unless consent is prompted. Native clients
+      // are always asked for consent here anyway, so asking for it changes nothing else.
+      const requested = String(ctx.query.scope ?? "").split(" ");
+      if (requested.includes("offline_access") && ctx.query.prompt === undefined) ctx.query = { ...ctx.query, prompt: "consent" };
+      return next();
+    }
+    if (ctx.method === "POST" && ctx.path === deviceCodePath) {
+      await next();
+      const body = ctx.body as Record<string, unknown> | undefined;
+      if (ctx.status === 200 && typeof body?.device_code === "string") {
+        remember(body.device_code);
+        devicePolling.set(body.device_code, { intervalMs: deviceInterval * 1000, lastAt: Date.now() });
+        // Microsoft's shape: the interval to poll at and a message for the user.
+        ctx.body = { ...body, interval: deviceInterval, message: `To sign in, use a web browser to open the page ${String(body.verification_uri)} and enter the code ${String(body.user_code)} to authenticate.` };
+      }
+      return;
+    }
     if (ctx.method !== "POST" || ctx.path !== tokenPath) return next();
     stats.tokenRequests++;
     const injection = injected.shift();
@@ -615,9 +857,14 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       stats.errors.push({ error: typeof body?.error === "string" ? body.error : "injected", detail: `injected HTTP ${injection.status}` });
       return;
     }
+    if (tokenDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, tokenDelayMs));
     await next();
     const form = ctx.oidc?.body ?? {};
     const field = (name: string) => (typeof form[name] === "string" ? (form[name] as string) : undefined);
+    for (const name of ["code", "code_verifier", "refresh_token", "device_code", "client_secret", "client_assertion", "password"]) remember(field(name));
+    const answered = ctx.body as Record<string, unknown> | undefined;
+    for (const name of ["access_token", "refresh_token", "id_token"]) remember(answered?.[name]);
+    const slowedDown = field("grant_type") === DEVICE_CODE_GRANT && devicePoll(ctx, field("device_code"));
     stats.requests.push({
       grantType: field("grant_type"),
       clientId: ctx.oidc?.client?.clientId ?? field("client_id"),
@@ -627,10 +874,20 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       ...(field("scope") !== undefined ? { scope: field("scope") } : {}),
       status: ctx.status,
     });
+    // slow_down is RFC 8628's plain answer (Entra has no AADSTS code for it).
+    if (slowedDown) return;
     const body = ctx.body as Record<string, unknown> | undefined;
     if (ctx.status === 200 && typeof body?.access_token === "string") {
       stats.tokensIssued++;
-      ctx.body = { token_type: body.token_type, ...(body.scope === undefined ? {} : { scope: body.scope }), expires_in: body.expires_in, ext_expires_in: body.expires_in, access_token: body.access_token };
+      ctx.body = {
+        token_type: body.token_type,
+        ...(body.scope === undefined ? {} : { scope: body.scope }),
+        expires_in: body.expires_in,
+        ext_expires_in: body.expires_in,
+        access_token: body.access_token,
+        ...(typeof body.refresh_token === "string" ? { refresh_token: body.refresh_token } : {}),
+        ...(typeof body.id_token === "string" ? { id_token: body.id_token } : {}),
+      };
     } else if (typeof body?.error === "string") {
       const failure = failures.get(ctx);
       const detail = failure?.error_detail ?? String(body.error_description ?? "");
@@ -659,7 +916,101 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     }
   });
 
+  /**
+   * RFC 8628 3.5 for one device-code poll, after oidc-provider answered it: a poll sooner than the
+   * interval in force (or any, after slowDownNextDevicePoll) that would be told authorization_pending
+   * is told slow_down instead, and the interval grows by 5 s. True when the answer was replaced.
+   */
+  function devicePoll(ctx: Ctx, deviceCode: string | undefined): boolean {
+    const now = Date.now();
+    const polling = deviceCode === undefined ? undefined : devicePolling.get(deviceCode);
+    // 250 ms of slack for timers and the round trip.
+    const early = polling !== undefined && now - polling.lastAt < polling.intervalMs - 250;
+    if (polling) polling.lastAt = now;
+    const error = (ctx.body as { error?: unknown } | undefined)?.error;
+    if (polling && error === "authorization_pending" && (early || slowDownNext)) {
+      slowDownNext = false;
+      polling.intervalMs += 5_000;
+      ctx.status = 400;
+      ctx.body = { error: "slow_down", error_description: `The client is polling too quickly: wait at least ${polling.intervalMs / 1000} s between requests.` };
+      // oidc-provider recorded the pending answer it gave; the client got this one.
+      const last = stats.errors[stats.errors.length - 1];
+      if (last?.error === "authorization_pending") stats.errors[stats.errors.length - 1] = { error: "slow_down", detail: early ? "polled too early" : "slowDownNextDevicePoll" };
+      stats.devicePolls.push({ at: now, answer: "slow_down" });
+      return true;
+    }
+    if (early && ctx.status === 200) stats.devicePollsTooEarly++;
+    stats.devicePolls.push({ at: now, answer: ctx.status === 200 ? "issued" : typeof error === "string" ? error : String(ctx.status) });
+    return false;
+  }
+
   handler = provider.callback();
+
+  /** A page of the sign-in: always HTML, never cached. */
+  function sendPage(res: ServerResponse, status: number, title: string, body: string): void {
+    res.writeHead(status, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" });
+    res.end(htmlPage(title, body));
+  }
+
+  async function formOf(req: IncomingMessage): Promise<URLSearchParams> {
+    const chunks: Buffer[] = [];
+    for await (const chunk of req) chunks.push(chunk as Buffer);
+    return new URLSearchParams(Buffer.concat(chunks).toString("utf8"));
+  }
+
+  const loginForm = (uid: string, problem?: string) =>
+    `${problem ? `<p class="error">${escapeHtml(problem)}</p>` : ""}<form id="login" method="post" action="/interaction/${uid}/login"><input type="email" name="username" autocomplete="username"><input type="password" name="password" autocomplete="current-password"><button type="submit">Sign in</button></form>`;
+
+  /**
+   * The interactions oidc-provider hands over (interactions.url): sign-in, then consent. The login
+   * checks the user's password (no MFA prompt: an interactive sign-in can satisfy it); consent
+   * grants what was asked for that the resource offers, or declines (AADSTS65004).
+   */
+  async function handleInteraction(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const [, , uid = "", action] = new URL(req.url ?? "/", origin).pathname.split("/");
+    let details: {
+      uid: string;
+      prompt: { name: string; details: { missingOIDCScope?: string[]; missingOIDCClaims?: string[]; missingResourceScopes?: Record<string, string[]> } };
+      params: { client_id?: string; scope?: string };
+      session?: { accountId?: string };
+      grantId?: string;
+    };
+    try {
+      details = await provider.interactionDetails(req, res);
+    } catch (error) {
+      return sendPage(res, 400, "Sign-in expired", `<p>${escapeHtml((error as Error).message)}. Start the sign-in again.</p>`);
+    }
+    if (details.uid !== uid) return sendPage(res, 400, "Sign-in expired", "<p>This page belongs to another sign-in. Start the sign-in again.</p>");
+    if (req.method === "GET") {
+      if (details.prompt.name === "login") return sendPage(res, 200, "Sign in", loginForm(uid));
+      const wanted = [...(details.prompt.details.missingOIDCScope ?? []), ...Object.values(details.prompt.details.missingResourceScopes ?? {}).flat()];
+      return sendPage(res, 200, "Permissions requested", `<p>${escapeHtml(details.params.client_id ?? "")} would like to:</p><ul>${wanted.map((w) => `<li>${escapeHtml(w)}</li>`).join("")}</ul><form id="accept" method="post" action="/interaction/${uid}/consent"><input type="hidden" name="decision" value="accept"><button type="submit">Accept</button></form><form id="decline" method="post" action="/interaction/${uid}/consent"><input type="hidden" name="decision" value="decline"><button type="submit">Cancel</button></form>`);
+    }
+    if (req.method === "POST" && action === "login") {
+      const form = await formOf(req);
+      remember(form.get("password"));
+      const user = users.get((form.get("username") ?? "").toLowerCase());
+      if (!user || user.password !== form.get("password")) return sendPage(res, 200, "Sign in", loginForm(uid, "Your account or password is incorrect."));
+      return provider.interactionFinished(req, res, { login: { accountId: user.oid } }, { mergeWithLastSubmission: false });
+    }
+    if (req.method === "POST" && action === "consent") {
+      const form = await formOf(req);
+      if (form.get("decision") !== "accept") {
+        return provider.interactionFinished(req, res, { error: "access_denied", error_description: `AADSTS65004: ${AADSTS_TEXT[65004]}` }, { mergeWithLastSubmission: false });
+      }
+      const grant = details.grantId ? await provider.Grant.find(details.grantId) : new provider.Grant({ accountId: details.session?.accountId, clientId: details.params.client_id });
+      const missing = details.prompt.details;
+      if (missing.missingOIDCScope) grant.addOIDCScope(missing.missingOIDCScope.join(" "));
+      if (missing.missingOIDCClaims) grant.addOIDCClaims(missing.missingOIDCClaims);
+      for (const [indicator, scopes] of Object.entries(missing.missingResourceScopes ?? {})) grant.addResourceScope(indicator, scopes.join(" "));
+      const grantId: string = await grant.save();
+      return provider.interactionFinished(req, res, { consent: { grantId } }, { mergeWithLastSubmission: true });
+    }
+    return sendPage(res, 404, "Not found", "<p>No such page.</p>");
+  }
+
+  /** The user's live entries of one model in the store. */
+  const entriesOf = (model: string, oid: string) => [...adapterStore.values()].filter((e) => e.model === model && e.expiresAt > Date.now() && e.payload.accountId === oid);
 
   return {
     issuer,
@@ -695,6 +1046,51 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       if (missing.length > 0) return { ok: false, problem: "permission", reason: `access token lacks role(s) ${missing.join(", ")}` };
       return { ok: true, claims };
     },
+    authorizeUrl: `${origin}${authorizePath}`,
+    deviceCodeUrl: `${origin}${deviceCodePath}`,
+    verificationUrl: `${origin}${verificationPath}`,
+    delegatedRefreshScope: `${resource}/${DELEGATED_SMTP_PERMISSION} offline_access`,
+    async issueRefreshToken(clientId, username, scopeValue) {
+      const user = users.get(username.toLowerCase());
+      if (!user) throw new Error(`issueRefreshToken: no user ${username}`);
+      const client = await provider.Client.find(clientId);
+      if (!client) throw new Error(`issueRefreshToken: no client ${clientId}`);
+      const items = scopeValue.split(" ").filter(Boolean);
+      if (!items.includes("offline_access")) throw new Error("issueRefreshToken: the scope must include offline_access");
+      const permissions = items.filter((item) => !OIDC_SCOPES.has(item));
+      const named = [...new Set(permissions.map((item) => item.slice(0, item.lastIndexOf("/"))))];
+      if (named.length !== 1 || !served.get(named[0]!)) throw new Error(`issueRefreshToken: the scope must name one resource served here, got ${scopeValue}`);
+      const indicator = indicatorOf(named[0]!);
+      // What the consent page would have stored, then the refresh token a code redemption issues.
+      const grant = new provider.Grant({ accountId: user.oid, clientId });
+      grant.addOIDCScope(items.filter((item) => OIDC_SCOPES.has(item)).join(" "));
+      grant.addResourceScope(indicator, permissions.join(" "));
+      const grantId: string = await grant.save();
+      const refreshToken = new provider.RefreshToken({ accountId: user.oid, client, grantId, gty: "authorization_code", scope: items.join(" "), resource: indicator, authTime: Math.floor(Date.now() / 1000) });
+      const value: string = await refreshToken.save();
+      remember(value);
+      return value;
+    },
+    revokeUserGrants(username) {
+      const user = users.get(username.toLowerCase());
+      if (!user) return;
+      for (const [key, entry] of adapterStore) if (entry.payload.accountId === user.oid) adapterStore.delete(key);
+    },
+    refreshTokenFamilies(username, clientId) {
+      const user = users.get(username.toLowerCase());
+      if (!user) return 0;
+      const grants = new Set(entriesOf("Grant", user.oid).filter((e) => clientId === undefined || e.payload.clientId === clientId).map((e) => e.payload.jti));
+      return new Set(entriesOf("RefreshToken", user.oid).filter((e) => !e.payload.consumed && grants.has(e.payload.grantId)).map((e) => e.payload.grantId)).size;
+    },
+    slowDownNextDevicePoll() {
+      slowDownNext = true;
+    },
+    delayTokenResponses(ms) {
+      tokenDelayMs = ms;
+    },
+    secretsSeen() {
+      return [...seen];
+    },
     registerClient,
     registerUser,
     stats,
@@ -703,6 +1099,9 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       stats.tokensIssued = 0;
       stats.errors.length = 0;
       stats.requests.length = 0;
+      stats.familiesRevoked = 0;
+      stats.devicePolls.length = 0;
+      stats.devicePollsTooEarly = 0;
     },
     failNext(count, status, body, headers) {
       for (let i = 0; i < count; i++) injected.push({ status, body, headers });

@@ -57,6 +57,7 @@ const tokenCheck: Record<AuthMethod, string> = {
   secret: `checks the client secret (${env["CLIENT_AUTH"] ?? "post"})`,
   password: `checks the mailbox password (password grant)`,
   "google-service-account": `verifies JWT bearer assertions signed with ${stack.google ? relative(process.cwd(), stack.google.keyPath) : "the service account key"}`,
+  "refresh-token": `redeems and rotates the signed-in user's refresh token in ${stack.refreshTokenPath ? relative(process.cwd(), stack.refreshTokenPath) : "REFRESH_TOKEN_PATH"} (reuse of a rotated one revokes them all)`,
 };
 console.log(`  token     ${stack.google?.server.tokenUrl ?? stack.oauth.tokenUrl}  (AUTH_METHOD=${authMethod}: ${tokenCheck[authMethod]})`);
 console.log(`  smtp      127.0.0.1:${stack.smtp.port}  (STARTTLS + XOAUTH2 required, token checked; outbox ${relative(process.cwd(), outboxDir)})${transport === "smtp" ? "" : "  [not used: TRANSPORT=graph]"}`);

@@ -10,6 +10,7 @@ import { secretSourceFor, type LoadedSecret } from "../auth/secretSource.js";
 import { localSigner } from "../auth/clientAssertion.js";
 import { keyVaultSignerSource } from "../auth/vaultSigningCredential.js";
 import { azureCredential } from "../auth/azureCredential.js";
+import { refreshTokenStoreFor } from "../auth/refreshTokenStore.js";
 import type { AuthConfig, SecretLocation } from "../config.js";
 import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
@@ -27,7 +28,8 @@ export interface CertificateMaterial {
 export type Material =
   | { method: "certificate"; certificate: CertificateMaterial }
   | { method: "secret" | "password"; secrets: Array<LoadedSecret & { what: string; setting: string }> }
-  | { method: "google-service-account"; key: ServiceAccountKey & { source: string } };
+  | { method: "google-service-account"; key: ServiceAccountKey & { source: string } }
+  | { method: "refresh-token"; stored: { user?: string; rotatedAt?: Date; authorizedAt?: Date; where: string; setting: string } };
 
 /** What was read from Key Vault, and what for (it decides the role a denial names). */
 export type VaultUse = NonNullable<FixContext["keyVault"]>;
@@ -143,6 +145,22 @@ export async function loadCredentialMaterial(auth: AuthConfig, logger: Logger): 
         outcome.material = { method: "google-service-account", key };
       } else if (item && outcome.materialError) {
         outcome.vaultProof.push(`secret "${item.name}" read, but it is not a usable key (${keySetting(location)})`);
+      }
+      return outcome;
+    }
+    case "refresh-token": {
+      // The stored refresh token is read (never redeemed here: redeeming rotates it, which is the
+      // sender's job); the token step below proves it works.
+      const location = auth.refreshToken;
+      const item: VaultUse | undefined = location.kind === "keyVault" ? { vaultUrl: location.vaultUrl, name: location.name, setting: "REFRESH_TOKEN_NAME", use: "secret" } : undefined;
+      const store = refreshTokenStoreFor(location);
+      const stored = await read(item, () => store.read());
+      if (stored) {
+        if (item) outcome.vaultProof.push(`secret "${item.name}" (refresh token) read`);
+        outcome.material = {
+          method: "refresh-token",
+          stored: { ...(stored.user ? { user: stored.user } : {}), ...(stored.rotatedAt ? { rotatedAt: stored.rotatedAt } : {}), ...(stored.authorizedAt ? { authorizedAt: stored.authorizedAt } : {}), where: store.where, setting: store.setting },
+        };
       }
       return outcome;
     }

@@ -85,5 +85,17 @@ export function credentialStep(outcome: MaterialOutcome, thresholds: ExpiryThres
       const key = material.key;
       return pass("credential", `service account key well-formed: ${key.clientEmail}, client id ${key.clientId ?? "?"}, key id ${key.privateKeyId} (${key.source})`);
     }
+    case "refresh-token": {
+      const { stored } = material;
+      const who = stored.user ? ` for ${stored.user}` : "";
+      if (!stored.rotatedAt) return pass("credential", `refresh token present${who} (${stored.setting} ${stored.where})`);
+      // Microsoft ends a refresh token after 90 days unused; every redemption renews it.
+      const idleDays = Math.floor((now.getTime() - stored.rotatedAt.getTime()) / DAY_MS);
+      const text = `refresh token present${who} (${stored.setting} ${stored.where}), last rotated ${stored.rotatedAt.toISOString().slice(0, 10)} (${idleDays} days ago)`;
+      if (idleDays >= 90 - thresholds.warnDays) {
+        return warn("credential", "REFRESH_TOKEN_IDLE", text, "Microsoft revokes a refresh token unused for 90 days: let the sender send (each redemption renews it), or run `queue-mailer authorize` again before then.");
+      }
+      return pass("credential", text);
+    }
   }
 }

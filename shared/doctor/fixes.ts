@@ -90,7 +90,7 @@ function stepOf(code: string): DoctorStep {
 }
 
 const isMicrosoft = (ctx: FixContext) => ctx.method !== "google-service-account";
-const isDelegated = (ctx: FixContext) => ctx.method === "password";
+const isDelegated = (ctx: FixContext) => ctx.method === "password" || ctx.method === "refresh-token";
 
 /** Where the app registration's pages are, for people who follow the portal. */
 function appRegistration(ctx: FixContext): string {
@@ -171,7 +171,7 @@ function tokenFix(code: string, error: Pick<MailerError, "hint" | "response" | "
       return `TOKEN_SCOPE (${or(ctx.scope, "TOKEN_SCOPE")}) is not a valid scope for the client credentials grant: it must be the resource followed by /.default, e.g. https://outlook.office365.com/.default for SMTP or https://graph.microsoft.com/.default for Graph. Leave TOKEN_SCOPE unset to get the right default.`;
     case "70008":
     case "50173":
-      return "The user's sign-in (refresh token) is no longer valid: it expired, or the password was changed or the session revoked. Re-authorise: sign in again as the mailbox user to store a new refresh token.";
+      return "The user's sign-in (refresh token) is no longer valid: it expired, or the password was changed or the session revoked. Re-authorise: run `queue-mailer authorize` (signing in as the mailbox user) to store a new refresh token.";
     default:
       break;
   }

@@ -19,6 +19,8 @@ function notInVault(auth: AuthConfig): string {
       return "the password is an app setting (MAILBOX_PASSWORD)";
     case "google-service-account":
       return "the Google key is a file (GOOGLE_KEY_PATH)";
+    case "refresh-token":
+      return "the refresh token is a local file (REFRESH_TOKEN_PATH)";
   }
 }
 

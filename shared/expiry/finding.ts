@@ -2,7 +2,7 @@
 // ExpiryItems; evaluate() turns them into findings with a status, days left and what to do.
 import type { ExpiryConfig } from "../config.js";
 
-export type ExpiryItemKind = "certificate" | "secret" | "certificate-file" | "app-certificate" | "app-secret" | "google-key";
+export type ExpiryItemKind = "certificate" | "secret" | "certificate-file" | "app-certificate" | "app-secret" | "google-key" | "refresh-token";
 /** "unchecked": the credential is in use but its end date is out of this watch's sight (detail says why). */
 export type ExpiryStatus = "ok" | "warning" | "critical" | "expired" | "disabled" | "never-expires" | "error" | "unchecked";
 
@@ -45,6 +45,7 @@ const actions: Record<ExpiryItemKind, string> = {
   "app-certificate": "Upload a renewed certificate to the app registration (Certificates & secrets) before this one expires, then remove the old one.",
   "app-secret": "Create a new client secret in the app registration, update the setting that uses it, then delete the old one.",
   "google-key": "Create a new key for the service account (IAM & Admin > Service accounts > Keys), put its JSON in GOOGLE_KEY_PATH or the GOOGLE_KEY_NAME secret, then delete the old key.",
+  "refresh-token": "The delegated grant ends when its refresh token goes unused this long. Send one message (the sender redeems and rotates the token, which starts the period again), or sign the user in again with `queue-mailer authorize`.",
 };
 
 export function daysLeft(expiresOn: Date, now: Date): number {

@@ -11,6 +11,7 @@ import { appRegistrationSource } from "./sources/appRegistrationSource.js";
 import { certificateFileSource } from "./sources/certificateFileSource.js";
 import { keyVaultSource } from "./sources/keyVaultSource.js";
 import { googleServiceAccountKeySource } from "./sources/googleServiceAccountKeySource.js";
+import { refreshTokenSource } from "./sources/refreshTokenSource.js";
 import { unwatchedClientSecretSource } from "./sources/unwatchedClientSecretSource.js";
 
 export function expirySourcesFor(config: ExpiryConfig): ExpirySource[] {
@@ -22,6 +23,7 @@ export function expirySourcesFor(config: ExpiryConfig): ExpirySource[] {
   if (config.certificateFile) sources.push(certificateFileSource(config.certificateFile.path, config.certificateFile.password));
   if (config.appRegistration) sources.push(appRegistrationSource(config.appRegistration.clientId));
   if (config.googleKey) sources.push(googleServiceAccountKeySource(config.googleKey));
+  if (config.refreshToken) sources.push(refreshTokenSource(config.refreshToken.location, config.refreshToken.tokenUrl ? { tokenUrl: config.refreshToken.tokenUrl } : {}));
   if (config.unwatchedClientSecret) sources.push(unwatchedClientSecretSource(config.unwatchedClientSecret.setting));
   return sources;
 }

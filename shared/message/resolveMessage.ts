@@ -9,6 +9,7 @@ import { statusOf } from "../storage/storageClients.js";
 import { asciiDomainOf, canonicalDomain } from "./address.js";
 import { parseClaimCheckJson } from "./claimCheckJson.js";
 import type { EmailMessage } from "./schema.js";
+import { noTemplates, renderMessageJson, type TemplateRenderer } from "./templates.js";
 import { MessageError, checkBlobName, validateMessage } from "./validate.js";
 
 export interface ResolvedMessage {
@@ -85,9 +86,12 @@ async function loadMessage(
   defaults: { from: string; id: string },
   policy: MessagePolicy,
   attachments: () => Promise<ContainerClient>,
+  templates: TemplateRenderer,
 ): Promise<ResolvedMessage> {
   const queued = parseJson(decodeQueueText(text), "message");
-  if (!isClaimCheck(queued)) return { message: validateMessage(queued, defaults) };
+  // A template is rendered before validation: the rendered subject and bodies meet every rule a
+  // producer's own would.
+  if (!isClaimCheck(queued)) return { message: validateMessage(await renderMessageJson(queued, templates), defaults) };
   if (typeof queued.claimCheck !== "string") throw new MessageError("MESSAGE_INVALID_TYPE", "claimCheck must be a blob name (string)", "claimCheck");
   const claimCheckBlob = checkBlobName("claimCheck", queued.claimCheck);
   // The blob holds attachments as base64 (4/3 of their size) plus JSON: allow for that here;
@@ -100,7 +104,7 @@ async function loadMessage(
   } catch (error) {
     throw new MessageError("MESSAGE_NOT_JSON", `claim-check blob "${claimCheckBlob}" is not valid JSON: ${(error as Error).message}`);
   }
-  return { message: validateMessage(json, defaults), claimCheckBlob };
+  return { message: validateMessage(await renderMessageJson(json, templates), defaults), claimCheckBlob };
 }
 
 export async function resolveMessage(
@@ -108,8 +112,9 @@ export async function resolveMessage(
   defaults: { from: string; id: string },
   policy: MessagePolicy,
   attachments: () => Promise<ContainerClient>,
+  templates: TemplateRenderer = noTemplates,
 ): Promise<ResolvedMessage> {
-  const { message, claimCheckBlob } = await loadMessage(text, defaults, policy, attachments);
+  const { message, claimCheckBlob } = await loadMessage(text, defaults, policy, attachments, templates);
 
   if (policy.allowedRecipientDomains.length > 0) {
     const allowed = allowedDomainSet(policy.allowedRecipientDomains);

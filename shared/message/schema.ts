@@ -5,6 +5,10 @@ import type { Mailbox } from "./address.js";
 
 export const MAX_RECIPIENTS = 500;
 export const MAX_ID_LENGTH = 256;
+/** A template name: one folder (TEMPLATE_DIR) or blob prefix (TEMPLATE_CONTAINER), never a path. */
+export const TEMPLATE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$";
+/** ISO 8601 date and time with a UTC offset (RFC 3339). */
+export const TIMESTAMP_PATTERN = "^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}(:\\d{2}(\\.\\d{1,9})?)?(Z|[+-]\\d{2}:\\d{2})$";
 
 // JSON Schema cannot express the address grammar; validateMessage enforces it (shared/message/address.ts).
 const mailboxDescription =
@@ -23,8 +27,12 @@ export const emailMessageSchema = {
   title: "queue-mailer email message (v1)",
   type: "object",
   additionalProperties: false,
-  required: ["to", "subject"],
-  anyOf: [{ required: ["text"] }, { required: ["html"] }],
+  required: ["to"],
+  // Either a subject with text and/or html (v1), or a template with its data (rendered at send time).
+  oneOf: [
+    { required: ["subject"], anyOf: [{ required: ["text"] }, { required: ["html"] }], not: { required: ["template"] } },
+    { required: ["template"], not: { anyOf: [{ required: ["subject"] }, { required: ["text"] }, { required: ["html"] }] } },
+  ],
   properties: {
     id: { type: "string", minLength: 1, maxLength: MAX_ID_LENGTH, description: "Idempotency key; defaults to the queue message id." },
     from: { type: "string", minLength: 1, description: `Defaults to MAIL_FROM. ${mailboxDescription}` },
@@ -35,6 +43,10 @@ export const emailMessageSchema = {
     subject: { type: "string", maxLength: 998 },
     text: { type: "string" },
     html: { type: "string" },
+    template: { type: "string", pattern: TEMPLATE_NAME_PATTERN, description: "Instead of subject/text/html: a template in TEMPLATE_DIR or TEMPLATE_CONTAINER (<name>/subject.*, <name>/html.*, optional <name>/text.*)." },
+    data: { type: "object", description: "The template's variables. Values are HTML-escaped in html and made one line in the subject." },
+    sendAt: { type: "string", format: "date-time", pattern: TIMESTAMP_PATTERN, description: "Not sent before this moment (ISO 8601 with offset)." },
+    expiresAt: { type: "string", format: "date-time", pattern: TIMESTAMP_PATTERN, description: "Not sent after this moment: poisoned with MESSAGE_EXPIRED instead." },
     headers: {
       type: "object",
       description: "Custom headers (X-…); structural headers come from the fields above.",
@@ -69,9 +81,22 @@ export interface EmailMessageInput {
   subject: string;
   text?: string;
   html?: string;
+  /** ISO 8601 with offset. */
+  sendAt?: string;
+  /** ISO 8601 with offset. */
+  expiresAt?: string;
   headers?: Record<string, string>;
   attachments?: Array<{ filename: string; contentType?: string; content?: string; blob?: string }>;
 }
+
+/** A message that names a template: subject and bodies come from the template at send time. */
+export type TemplateMessageInput = Omit<EmailMessageInput, "subject" | "text" | "html"> & {
+  template: string;
+  data?: Record<string, unknown>;
+};
+
+/** Anything a producer may enqueue. */
+export type ProducerMessageInput = EmailMessageInput | TemplateMessageInput;
 
 /**
  * A queue message too large for a queue (64 KiB) travels as a claim check: the message JSON is a
@@ -103,4 +128,10 @@ export interface EmailMessage {
   html?: string;
   headers: Record<string, string>;
   attachments: EmailAttachment[];
+  /** Not sent before. */
+  sendAt?: Date;
+  /** Not sent after: poisoned with MESSAGE_EXPIRED. */
+  expiresAt?: Date;
+  /** Set only on a message validated before rendering (by a producer): subject and bodies are empty. */
+  template?: { name: string; data: Record<string, unknown> };
 }

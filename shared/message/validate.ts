@@ -3,7 +3,7 @@
 import { MailerError } from "../errors.js";
 import { parseMailbox, type Mailbox } from "./address.js";
 import { LargeJsonString } from "./claimCheckJson.js";
-import { MAX_ID_LENGTH, MAX_RECIPIENTS, emailMessageSchema, type EmailMessage } from "./schema.js";
+import { MAX_ID_LENGTH, MAX_RECIPIENTS, TEMPLATE_NAME_PATTERN, TIMESTAMP_PATTERN, emailMessageSchema, type EmailMessage } from "./schema.js";
 
 export type MessageErrorCode =
   | "MESSAGE_NOT_JSON"
@@ -22,7 +22,9 @@ export type MessageErrorCode =
   | "MESSAGE_INVALID_BLOB_NAME"
   | "MESSAGE_BLOB_NOT_FOUND"
   | "MESSAGE_TOO_LARGE"
-  | "MESSAGE_RECIPIENT_NOT_ALLOWED";
+  | "MESSAGE_RECIPIENT_NOT_ALLOWED"
+  | "MESSAGE_INVALID_DATE"
+  | "MESSAGE_INVALID_TEMPLATE";
 
 export class MessageError extends MailerError {
   readonly field: string | undefined;
@@ -135,6 +137,38 @@ function addressList(object: Record<string, unknown>, field: string): Mailbox[] 
   });
 }
 
+const timestamp = new RegExp(TIMESTAMP_PATTERN);
+const templateName = new RegExp(TEMPLATE_NAME_PATTERN);
+
+/** An ISO 8601 moment with an offset; a local time without one would mean different moments on different hosts. */
+function optionalDate(object: Record<string, unknown>, field: string): Date | undefined {
+  const value = requireString(object, field);
+  if (value === undefined) return undefined;
+  const parsed = timestamp.test(value) ? Date.parse(value) : Number.NaN;
+  if (!Number.isFinite(parsed)) {
+    throw new MessageError("MESSAGE_INVALID_DATE", `${field} must be an ISO 8601 date and time with an offset, e.g. 2030-01-31T09:00:00Z, got ${JSON.stringify(value.slice(0, 64))}`, field);
+  }
+  return new Date(parsed);
+}
+
+/** `template` and `data` of a message that names a template (see templates.ts), checked before any store is asked. */
+export function templateFields(input: Record<string, unknown>): { name: string; data: Record<string, unknown> } | undefined {
+  const name = requireString(input, "template");
+  if (name === undefined) {
+    if (input["data"] !== undefined) throw new MessageError("MESSAGE_INVALID_TEMPLATE", "data is given without template", "data");
+    return undefined;
+  }
+  if (!templateName.test(name)) {
+    throw new MessageError("MESSAGE_INVALID_TEMPLATE", `template must be a name of letters, digits, - and _ (at most 128), got ${JSON.stringify(name.slice(0, 64))}`, "template");
+  }
+  for (const field of ["subject", "text", "html"]) {
+    if (input[field] !== undefined) throw new MessageError("MESSAGE_INVALID_TEMPLATE", `a message with a template gets ${field} from the template; leave ${field} out`, field);
+  }
+  const data = input["data"] ?? {};
+  if (typeof data !== "object" || data === null || Array.isArray(data)) throw new MessageError("MESSAGE_INVALID_TYPE", `data must be an object, got ${describe(data)}`, "data");
+  return { name, data: data as Record<string, unknown> };
+}
+
 /** Parse and validate queue text. `defaults` supplies From and the id when the message has none. */
 export function parseMessage(text: string, defaults: { from: string; id: string }): EmailMessage {
   let json: unknown;
@@ -155,7 +189,10 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
     if (!knownFields.has(key)) throw new MessageError("MESSAGE_UNKNOWN_FIELD", `unknown field ${JSON.stringify(key.slice(0, 64))}; allowed: ${[...knownFields].join(", ")}`, key);
   }
   if (input["to"] === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", "to is required", "to");
-  if (input["subject"] === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", "subject is required", "subject");
+  // A producer's message may still name a template (enqueueEmail validates it before it is
+  // rendered); what is sent has always been rendered first (resolveMessage.ts).
+  const template = templateFields(input);
+  if (template === undefined && input["subject"] === undefined) throw new MessageError("MESSAGE_MISSING_FIELD", "subject is required", "subject");
 
   const id = requireString(input, "id") ?? defaults.id;
   if (id.length === 0 || id.length > MAX_ID_LENGTH) throw new MessageError("MESSAGE_FIELD_TOO_LONG", `id must be 1 to ${MAX_ID_LENGTH} characters, got ${id.length}`, "id");
@@ -167,7 +204,7 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
 
   const text = requireString(input, "text");
   const html = requireString(input, "html");
-  if (text === undefined && html === undefined) throw new MessageError("MESSAGE_NO_BODY", "message needs text or html (or both)");
+  if (template === undefined && text === undefined && html === undefined) throw new MessageError("MESSAGE_NO_BODY", "message needs text or html (or both)");
 
   const from = checkAddress("from", requireString(input, "from") ?? defaults.from);
   const to = addressList(input, "to");
@@ -177,6 +214,11 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
   const recipients = to.length + cc.length + bcc.length;
   if (recipients > MAX_RECIPIENTS) {
     throw new MessageError("MESSAGE_TOO_MANY_RECIPIENTS", `message has ${recipients} recipients; Exchange accepts at most ${MAX_RECIPIENTS} per message`, "to");
+  }
+  const sendAt = optionalDate(input, "sendAt");
+  const expiresAt = optionalDate(input, "expiresAt");
+  if (sendAt !== undefined && expiresAt !== undefined && expiresAt.getTime() <= sendAt.getTime()) {
+    throw new MessageError("MESSAGE_INVALID_DATE", `expiresAt (${expiresAt.toISOString()}) is not after sendAt (${sendAt.toISOString()}): the message could never be sent`, "expiresAt");
   }
 
   const headers: Record<string, string> = {};
@@ -251,5 +293,8 @@ export function validateMessage(json: unknown, defaults: { from: string; id: str
     attachments,
     ...(text === undefined ? {} : { text }),
     ...(html === undefined ? {} : { html }),
+    ...(sendAt === undefined ? {} : { sendAt }),
+    ...(expiresAt === undefined ? {} : { expiresAt }),
+    ...(template === undefined ? {} : { template }),
   };
 }

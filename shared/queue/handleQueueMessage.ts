@@ -6,6 +6,8 @@ import type { MessagePolicy, QueuePolicy } from "../config.js";
 import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
 import { resolveMessage } from "../message/resolveMessage.js";
+import type { TemplateRenderer } from "../message/templates.js";
+import { decodeQueueText } from "./decode.js";
 import type { CircuitBreaker } from "../send/circuitBreaker.js";
 import type { Sender } from "../send/sendEmail.js";
 import { poisonRecord, retryDelaySeconds, type Outcome } from "./outcome.js";
@@ -23,6 +25,8 @@ export interface HandlerDeps {
   policy: QueuePolicy;
   messages: MessagePolicy;
   attachments: () => Promise<ContainerClient>;
+  /** Renders messages that name a template; without it such messages fail with TEMPLATE_NOT_FOUND. */
+  templates?: TemplateRenderer;
   circuit: CircuitBreaker;
   logger: Logger;
 }
@@ -31,19 +35,37 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
   const { sender, logger, policy, circuit } = deps;
   let id = meta.queueMessageId;
   const where = () => ({ id, queueMessageId: meta.queueMessageId, attempt: meta.dequeueCount });
-  const wait = (error: MailerError, afterSeconds = Math.ceil(circuit.msUntilProbe() / 1000)): Outcome => ({
+  const wait = (error: MailerError, afterSeconds = Math.ceil(circuit.msUntilProbe() / 1000), freshCopy = meta.dequeueCount >= policy.maxDequeueCount - 1): Outcome => ({
     status: "wait",
+    id,
     // A queue message can be hidden for at most 7 days.
     afterSeconds: Math.min(604_800, Math.max(1, afterSeconds)),
     error,
-    freshCopy: meta.dequeueCount >= policy.maxDequeueCount - 1,
+    freshCopy,
   });
   // Set once the circuit let this message through: from then on the attempt must end the circuit's
   // probe, whatever happens (see circuitBreaker.ts).
   let attempted = false;
   try {
-    const { message, claimCheckBlob } = await resolveMessage(text, { from: deps.mailFrom, id: meta.queueMessageId }, deps.messages, deps.attachments);
+    const { message, claimCheckBlob } = await resolveMessage(text, { from: deps.mailFrom, id: meta.queueMessageId }, deps.messages, deps.attachments, deps.templates);
     id = message.id;
+    const now = Date.now();
+    if (message.expiresAt !== undefined && now >= message.expiresAt.getTime()) {
+      // Late is worse than never for this mail (a stale reset link, a past reminder): poisoned,
+      // so the producer can see why, and never sent.
+      throw new MailerError("MESSAGE_EXPIRED", `message ${JSON.stringify(id)} expired at ${message.expiresAt.toISOString()} and was taken at ${new Date(now).toISOString()}; not sent`, {
+        kind: "permanent",
+        hint: "Enqueue a new message if it is still wanted; give expiresAt enough room for retries and queue delays.",
+      });
+    }
+    if (message.sendAt !== undefined && now < message.sendAt.getTime()) {
+      // Seen early (a producer that set no visibility, or sendAt beyond the queue's 7 days): hidden
+      // again for the rest. Always as a fresh copy, so that waiting never counts as an attempt
+      // (dequeue count, and the ledger's redelivery check, start over).
+      const afterSeconds = Math.ceil((message.sendAt.getTime() - now) / 1000);
+      logger.log("info", "message.scheduled", { ...where(), sendAt: message.sendAt.toISOString(), afterSeconds: Math.min(604_800, afterSeconds) });
+      return wait(new MailerError("MESSAGE_NOT_DUE", `message is due at ${message.sendAt.toISOString()}`, { kind: "deferred", retryAfterSeconds: afterSeconds }), afterSeconds, true);
+    }
     if (!circuit.allowAttempt()) {
       return wait(circuit.lastError ?? new MailerError("CIRCUIT_OPEN", "sending is paused", { kind: "config" }));
     }
@@ -85,10 +107,26 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
       // We poison on the last attempt ourselves so that no message reaches the poison queue
       // without a reason.
       logger.log("error", "message.poisoned", { ...where(), error: error.toJSON() });
-      return { status: "poison", record: poisonRecord(error, meta.dequeueCount, text), error };
+      if (id === meta.queueMessageId) id = producerIdOf(text) ?? id;
+      return { status: "poison", id, record: poisonRecord(error, meta.dequeueCount, text), error };
     }
     const afterSeconds = retryDelaySeconds(meta.dequeueCount, policy, error.retryAfterSeconds);
     logger.log("warn", "message.retry", { ...where(), afterSeconds, error: error.toJSON() });
-    return { status: "retry", afterSeconds, error };
+    return { status: "retry", id, afterSeconds, error };
+  }
+}
+
+/**
+ * The producer's id of a message that could not be read as a whole (so that `queue-mailer status`
+ * finds its poisoning under the id the producer knows), or undefined.
+ */
+function producerIdOf(text: string): string | undefined {
+  try {
+    const json: unknown = JSON.parse(decodeQueueText(text));
+    const id = typeof json === "object" && json !== null ? (json as { id?: unknown }).id : undefined;
+    // eslint-disable-next-line no-control-regex
+    return typeof id === "string" && id.length > 0 && id.length <= 256 && !/[\u0000-\u001f\u007f]/.test(id) ? id : undefined;
+  } catch {
+    return undefined;
   }
 }

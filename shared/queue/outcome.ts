@@ -10,17 +10,21 @@ export interface PoisonRecord {
   original: string;
 }
 
+/**
+ * Every outcome carries the message's id (its idempotency key): the one the producer gave, or the
+ * queue message id when it gave none or the message could not be read.
+ */
 export type Outcome =
   /** Accepted by the server now, or earlier (`duplicate`: the ledger shows it was sent). */
   | { status: "sent"; id: string; messageId: string; response: string; duplicate: boolean }
-  | { status: "poison"; record: PoisonRecord; error: MailerError }
-  | { status: "retry"; afterSeconds: number; error: MailerError }
+  | { status: "poison"; id: string; record: PoisonRecord; error: MailerError }
+  | { status: "retry"; id: string; afterSeconds: number; error: MailerError }
   /**
    * Our setup is broken (circuit open): the message waits without using up its attempts. With
    * `freshCopy`, it is close to its last attempt and must continue as a new queue message (a new
    * dequeue count) instead of being retried in place.
    */
-  | { status: "wait"; afterSeconds: number; error: MailerError; freshCopy: boolean };
+  | { status: "wait"; id: string; afterSeconds: number; error: MailerError; freshCopy: boolean };
 
 export function poisonRecord(error: MailerError, attempts: number, original: string, now = new Date()): PoisonRecord {
   return {

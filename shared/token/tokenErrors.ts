@@ -21,10 +21,23 @@ const aadstsHints: Record<string, string> = {
   "500011": "The resource principal was not found in the tenant: check TOKEN_SCOPE and that Office 365 Exchange Online is available.",
   "1002012": "The scope is invalid: TOKEN_SCOPE must be https://outlook.office365.com/.default for SMTP.",
   "7000112": "The application is disabled in the tenant.",
+  // Delegated grants (AUTH_METHOD=refresh-token): the user's grant is gone; only a new sign-in helps.
+  "70008": "The refresh token expired (unused for 90 days) or was revoked: sign in again with `queue-mailer authorize` (docs/auth-refresh-token.md).",
+  "700082": "The refresh token expired after being unused too long: sign in again with `queue-mailer authorize` (docs/auth-refresh-token.md).",
+  "50173": "The grant was revoked (password change or reset, or an admin revoked the user's sessions): sign in again with `queue-mailer authorize` (docs/auth-refresh-token.md).",
+  "70000": "The refresh token or authorization code is not valid (revoked, already used, or for another client): sign in again with `queue-mailer authorize` (docs/auth-refresh-token.md).",
+  "54005": "The authorization code was already redeemed: run `queue-mailer authorize` again for a new one.",
+  "501481": "The PKCE code_verifier does not match the authorization request: run `queue-mailer authorize` again (a proxy that rewrites the redirect can cause this).",
+  "65004": "The user declined consent: run `queue-mailer authorize` again and accept, or have an admin grant consent for SMTP.Send (delegated) under API permissions.",
 };
 
 // A plain RFC 6749 invalid_client (no AADSTS code) comes from servers other than Entra, which is
 // also what a strict server answers when the secret travels the other way than it is registered.
+// A plain invalid_grant (no AADSTS code, not Google's wording) from a server such as Okta, Auth0 or
+// oidc-provider: a refresh token that expired, was revoked or was used twice (rotation), or a wrong
+// password for the password grant.
+const INVALID_GRANT_HINT = "The token endpoint refused the grant: for AUTH_METHOD=refresh-token the refresh token expired, was revoked or was already used, so sign in again with `queue-mailer authorize`; for AUTH_METHOD=password check SMTP_USER and the password.";
+
 const INVALID_CLIENT_HINT = "The token endpoint refused the client authentication: check CLIENT_ID and the credential, and for a client secret that CLIENT_AUTH matches how the server expects it (post: client_id and client_secret in the form body; basic: an HTTP Basic Authorization header).";
 
 // Google's token endpoint has no numeric codes: `error` plus a phrase of Google's own
@@ -91,7 +104,7 @@ export function tokenResponseError(status: number, bodyText: string, retryAfterH
     response,
     command: `POST ${tokenUrl}`,
     ...(retryAfterSeconds === undefined ? {} : { retryAfterSeconds }),
-    ...(transient ? {} : { hint: (aadsts ? aadstsHints[aadsts] : (googleHint(body) ?? (body.error === "invalid_client" ? INVALID_CLIENT_HINT : undefined))) ?? "Check TENANT_ID, CLIENT_ID, TOKEN_SCOPE and the credential registered on the app (certificate or secret)." }),
+    ...(transient ? {} : { hint: (aadsts ? aadstsHints[aadsts] : (googleHint(body) ?? (body.error === "invalid_client" ? INVALID_CLIENT_HINT : body.error === "invalid_grant" ? INVALID_GRANT_HINT : undefined))) ?? "Check TENANT_ID, CLIENT_ID, TOKEN_SCOPE and the credential registered on the app (certificate or secret)." }),
   });
 }
 

@@ -1,8 +1,8 @@
 // Step 4: the access token. One token serves every send in the process: concurrent callers share
 // one request (single flight), the token is reused until REFRESH_MARGIN before it expires, and an
 // SMTP 535 drops it once so the next connection fetches a fresh one.
-import type { CredentialSource } from "../auth/credentialSource.js";
-import { MailerError } from "../errors.js";
+import type { CredentialSource, TokenRequest } from "../auth/credentialSource.js";
+import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
 import { tokenNetworkError, tokenResponseError } from "./tokenErrors.js";
 
@@ -57,7 +57,30 @@ export class TokenProvider {
 
   private async request(): Promise<AccessToken> {
     const { credential, logger } = this.options;
-    const { url: tokenUrl, form, headers } = await credential.tokenRequest();
+    for (let attempt = 1; ; attempt++) {
+      const tokenRequest = await credential.tokenRequest();
+      let answer: { token: AccessToken; response: Record<string, unknown> };
+      try {
+        answer = await this.post(tokenRequest);
+      } catch (error) {
+        // A credential that changes with use may know better (refresh-token: another instance
+        // rotated it meanwhile, so try once more; or say to sign in again).
+        if (!credential.refused) throw error;
+        const next = await credential.refused(toMailerError(error));
+        if (next === "retry" && attempt === 1) continue;
+        throw next === "retry" ? error : next;
+      }
+      // Before the token is cached or used: a rotated refresh token is stored first.
+      await credential.accepted?.(answer.response);
+      this.cached = answer.token;
+      logger.log("info", "token.acquired", { method: credential.method, tokenUrl: tokenRequest.url, expiresAt: answer.token.expiresAt.toISOString() });
+      return answer.token;
+    }
+  }
+
+  /** One POST to the token endpoint: the token and the whole parsed answer, or a classified error. */
+  private async post({ url: tokenUrl, form, headers }: TokenRequest): Promise<{ token: AccessToken; response: Record<string, unknown> }> {
+    const { credential, logger } = this.options;
     const body = new URLSearchParams(form);
     this.stats.requests += 1;
     const started = this.now();
@@ -84,9 +107,10 @@ export class TokenProvider {
       logger.log("error", "token.failed", { error: error.toJSON() });
       throw error;
     }
-    let parsed: { access_token?: unknown; expires_in?: unknown };
+    let parsed: { access_token?: unknown; expires_in?: unknown } & Record<string, unknown>;
     try {
-      parsed = JSON.parse(text) as typeof parsed;
+      const json: unknown = JSON.parse(text);
+      parsed = json !== null && typeof json === "object" ? (json as typeof parsed) : {};
     } catch {
       parsed = {};
     }
@@ -96,8 +120,6 @@ export class TokenProvider {
     }
     const expiresIn = Number(parsed.expires_in);
     const expiresAt = new Date(started + (Number.isFinite(expiresIn) && expiresIn > 0 ? expiresIn : 3600) * 1000);
-    this.cached = { token: parsed.access_token, expiresAt };
-    logger.log("info", "token.acquired", { method: credential.method, tokenUrl, expiresAt: expiresAt.toISOString() });
-    return this.cached;
+    return { token: { token: parsed.access_token, expiresAt }, response: parsed };
   }
 }

@@ -61,3 +61,58 @@ export function spawnCli(args: string[], options: { env?: Record<string, string>
     });
   });
 }
+
+export interface RunningCli {
+  /** The first stdout line matching `match`, once printed; fails if the process ends first or after 20 s. */
+  line(match: RegExp, what: string): Promise<string>;
+  /** Everything printed so far. */
+  output(): { stdout: string; stderr: string };
+  /** The end of the process (killed after `timeoutMs`). */
+  done: Promise<CliResult>;
+}
+
+/**
+ * Starts `queue-mailer <args>` and lets the test read its output while it runs (a command that
+ * waits for something the test does, such as `authorize`). Same environment rules as spawnCli.
+ */
+export function startCli(args: string[], options: { env?: Record<string, string>; timeoutMs?: number } = {}): RunningCli {
+  const [node = process.execPath, ...nodeArgs] = cliEntry;
+  const child = spawn(node, [...nodeArgs, ...args], { env: { PATH: process.env["PATH"] ?? "", ...options.env }, stdio: ["ignore", "pipe", "pipe"] });
+  let stdout = "";
+  let stderr = "";
+  const waiters: Array<() => void> = [];
+  child.stdout.on("data", (chunk: Buffer) => {
+    stdout += chunk.toString();
+    waiters.splice(0).forEach((wake) => wake());
+  });
+  child.stderr.on("data", (chunk: Buffer) => (stderr += chunk.toString()));
+  const timer = setTimeout(() => child.kill("SIGKILL"), options.timeoutMs ?? 60_000);
+  const done = new Promise<CliResult>((resolve) =>
+    child.on("close", (status) => {
+      clearTimeout(timer);
+      resolve({ status, stdout, stderr });
+    }),
+  );
+  return {
+    done,
+    output: () => ({ stdout, stderr }),
+    line(match, what) {
+      const printed = new Promise<string>((resolve) => {
+        const check = () => {
+          const line = stdout.split("\n").find((l) => match.test(l));
+          if (line !== undefined) resolve(line);
+          else waiters.push(check);
+        };
+        check();
+      });
+      const ended = done.then((result) => {
+        throw new Error(`queue-mailer ${args.join(" ")} exited (${result.status}) before printing ${what}:\n${result.stdout}\n${result.stderr}`);
+      });
+      let timeout: NodeJS.Timeout | undefined;
+      const late = new Promise<never>((_, reject) => {
+        timeout = setTimeout(() => reject(new Error(`queue-mailer ${args.join(" ")} printed no ${what} within 20 s:\n${stdout}\n${stderr}`)), 20_000);
+      });
+      return Promise.race([printed, ended, late]).finally(() => clearTimeout(timeout));
+    },
+  };
+}

@@ -1,4 +1,5 @@
-// HTTPS test double of Azure Key Vault's REST API (certificates + secrets, read side), of the
+// HTTPS test double of Azure Key Vault's REST API (certificates + secrets, read side, plus Set
+// Secret: PUT /secrets/{name} adds a version with its content type and tags), of the
 // Entra ID (login.microsoftonline.com) token endpoint and of the small part of Microsoft Graph the
 // credential-expiry watch reads (an app registration's key and password credentials), driven
 // through the REAL Azure SDK clients (@azure/identity DefaultAzureCredential,
@@ -205,6 +206,8 @@ export interface KeyVaultDouble {
     challenges: number;
     certificateGets: number;
     secretGets: number;
+    /** PUT /secrets/{name} (setSecret): each one a new version. */
+    secretSets: number;
     lists: number;
     keyGets: number;
     signs: number;
@@ -263,6 +266,7 @@ interface SecretVersion {
   enabled: boolean;
   expiresOn?: Date;
   created: number;
+  tags?: Record<string, string>;
 }
 
 interface Item<V> {
@@ -307,7 +311,7 @@ interface IssuedToken {
 }
 
 /** What a vault request was, for `counts` and for `failNext(..., only)`. */
-export type Kind = "certificateGets" | "secretGets" | "lists" | "keyGets" | "signs" | "other";
+export type Kind = "certificateGets" | "secretGets" | "secretSets" | "lists" | "keyGets" | "signs" | "other";
 
 /** DER prefix of a SHA-256 DigestInfo (RFC 8017 9.2 note 1): what PKCS#1 v1.5 signs around the digest. */
 const SHA256_DIGEST_INFO = Buffer.from("3031300d060960864801650304020105000420", "hex");
@@ -440,7 +444,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
   const applications = new Map<string, Application>();
   let graphDenied = false;
   const failures: Failure[] = [];
-  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, lists: 0, keyGets: 0, signs: 0, other: 0, graphRequests: 0 };
+  const counts = { tokenRequests: 0, challenges: 0, certificateGets: 0, secretGets: 0, secretSets: 0, lists: 0, keyGets: 0, signs: 0, other: 0, graphRequests: 0 };
   const signRequests: KeyVaultDouble["signRequests"] = [];
   const requests: KeyVaultDouble["requests"] = [];
   const refused: string[] = [];
@@ -552,7 +556,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
   }
 
   function secretBundle(s: SecretVersion): Record<string, unknown> {
-    const bundle: Record<string, unknown> = { value: s.value, id: `${vaultUrl}/secrets/${s.name}/${s.version}`, attributes: secretAttributes(s), tags: {} };
+    const bundle: Record<string, unknown> = { value: s.value, id: `${vaultUrl}/secrets/${s.name}/${s.version}`, attributes: secretAttributes(s), tags: s.tags ?? {} };
     if (s.contentType !== undefined) bundle.contentType = s.contentType;
     return bundle;
   }
@@ -568,7 +572,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
   }
 
   function secretItem(s: SecretVersion, withVersion: boolean): Record<string, unknown> {
-    const item: Record<string, unknown> = { id: `${vaultUrl}/secrets/${s.name}${withVersion ? `/${s.version}` : ""}`, attributes: secretAttributes(s), tags: {} };
+    const item: Record<string, unknown> = { id: `${vaultUrl}/secrets/${s.name}${withVersion ? `/${s.version}` : ""}`, attributes: secretAttributes(s), tags: s.tags ?? {} };
     if (s.contentType !== undefined) item.contentType = s.contentType;
     return item;
   }
@@ -777,6 +781,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       if (method === "POST" && segments.length === 4 && fourth === "sign") return { kind: "signs", permission: "keys sign" };
       return { kind: "other", permission: `keys ${fourth ?? method.toLowerCase()}` };
     }
+    if (method === "PUT" && collection === "secrets" && segments.length === 2) return { kind: "secretSets", permission: "secrets set" };
     if (method !== "GET" || (collection !== "certificates" && collection !== "secrets")) {
       return { kind: "other", permission: `${collection ?? "vault"} ${method.toLowerCase()}` };
     }
@@ -832,6 +837,7 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
     if (collection !== "certificates" && collection !== "secrets") {
       throw vaultError(404, "NotFound", `The test double does not implement ${method} /${segments.join("/")}.`);
     }
+    if (method === "PUT" && collection === "secrets" && name !== undefined && segments.length === 2) return { status: 200, body: setSecret(name, requestBody) };
     if (method !== "GET" || segments.length > 3) {
       throw vaultError(405, "MethodNotAllowed", `The test double does not implement ${method} /${segments.join("/")}.`);
     }
@@ -865,6 +871,32 @@ export async function startKeyVaultDouble(options: { vaultName?: string; caDir?:
       return { status: 200, body: listOf(item.versions.map((s) => secretItem(s, true))) };
     }
     return { status: 200, body: getSecret(name, third) };
+  }
+
+  /** Set Secret (PUT /secrets/{name}): a new version with the value, content type and tags sent. */
+  function setSecret(name: string, requestBody: Buffer): Record<string, unknown> {
+    if (!/^[0-9a-zA-Z-]{1,127}$/.test(name)) throw vaultError(400, "BadParameter", `The secret name '${name}' is not valid.`);
+    if (certificates.has(name.toLowerCase())) throw vaultError(403, "Forbidden", `Secret ${name} is managed by a certificate and cannot be set.`);
+    let parameters: { value?: unknown; contentType?: unknown; tags?: unknown; attributes?: { enabled?: unknown } };
+    try {
+      parameters = JSON.parse(requestBody.toString("utf8")) as typeof parameters;
+    } catch {
+      throw vaultError(400, "BadParameter", "The request body is not valid JSON.");
+    }
+    if (typeof parameters.value !== "string") throw vaultError(400, "BadParameter", "Property 'value' is required.");
+    const item = secrets.get(name.toLowerCase()) ?? { name, versions: [] };
+    const version: SecretVersion = {
+      name: item.name,
+      version: newVersion(),
+      value: parameters.value,
+      ...(typeof parameters.contentType === "string" ? { contentType: parameters.contentType } : {}),
+      enabled: parameters.attributes?.enabled !== false,
+      created: createdNow(),
+      ...(parameters.tags && typeof parameters.tags === "object" ? { tags: parameters.tags as Record<string, string> } : {}),
+    };
+    item.versions.push(version);
+    secrets.set(name.toLowerCase(), item);
+    return secretBundle(version);
   }
 
   function keyNotFound(name: string, version?: string): HttpError {
