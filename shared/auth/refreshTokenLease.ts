@@ -13,7 +13,7 @@
 import type { StorageConfig } from "../config.js";
 import { MailerError } from "../errors.js";
 import { lazy } from "../lazy.js";
-import { claimSlot, type SlotRow } from "../storage/slotTable.js";
+import { claimSlot, holdLease, type SlotRow } from "../storage/slotTable.js";
 import { openTable, tableKey } from "../storage/storageClients.js";
 
 export const REFRESH_TOKEN_LEASE_TABLE = "refreshtokenlease";
@@ -74,27 +74,7 @@ export function tableRedeemLeases(storage: StorageConfig, where: string, options
           cause: error,
         });
       }
-      let released = false;
-      // Renewals and the release run one after another, each with the etag the previous one got.
-      let writes: Promise<unknown> = Promise.resolve();
-      const write = (at: number) => {
-        writes = writes.then(() =>
-          table.updateEntity({ ...row, at }, "Replace", { etag: row.etag ?? "*" }).then(
-            (r) => (row = { ...row, ...(r.etag ? { etag: r.etag } : {}) }),
-            () => undefined, // lost the row (clock jump, manual edit): the lease runs out by itself
-          ),
-        );
-      };
-      const heartbeat = setInterval(() => write(Date.now() + leaseMs), leaseMs / 3);
-      heartbeat.unref();
-      return {
-        release() {
-          if (released) return;
-          released = true;
-          clearInterval(heartbeat);
-          write(0);
-        },
-      };
+      return holdLease(table, row, leaseMs);
     },
   };
 }

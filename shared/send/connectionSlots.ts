@@ -4,7 +4,7 @@
 // released when it closes; a crashed instance's slots free themselves when their lease runs out.
 import type { StorageConfig } from "../config.js";
 import { lazy } from "../lazy.js";
-import { claimSlot, type SlotRow } from "../storage/slotTable.js";
+import { claimSlot, holdLease, type SlotRow } from "../storage/slotTable.js";
 import { openTable, tableKey } from "../storage/storageClients.js";
 
 export const CONNECTION_TABLE = "smtpconnections";
@@ -41,22 +41,7 @@ export function tableConnectionSlots(
         // A slot frees when its lease ends or, usually sooner, when its connection closes.
         await new Promise((resolve) => setTimeout(resolve, Math.max(20, Math.min(250, result.retryAt - Date.now())) + Math.random() * 50));
       }
-      let released = false;
-      const heartbeat = setInterval(() => {
-        client.updateEntity({ ...slot, at: Date.now() + leaseMs }, "Replace", { etag: slot.etag ?? "*" }).then(
-          (r) => (slot = { ...slot, ...(r.etag ? { etag: r.etag } : {}) }),
-          () => undefined, // lost the row (clock jump, manual edit): the next acquire sorts it out
-        );
-      }, heartbeatMs);
-      heartbeat.unref();
-      return {
-        release() {
-          if (released) return;
-          released = true;
-          clearInterval(heartbeat);
-          void client.updateEntity({ ...slot, at: 0 }, "Replace", { etag: slot.etag ?? "*" }).catch(() => undefined);
-        },
-      };
+      return holdLease(client, slot, leaseMs, heartbeatMs);
     },
   };
 }

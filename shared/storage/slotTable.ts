@@ -52,3 +52,33 @@ export async function claimSlot(
   const busy = [...rows.values()].map(freeAt);
   return { retryAt: busy.length < size ? Date.now() : Math.min(...busy) };
 }
+
+/**
+ * Keep a claimed lease row alive until `release()`: renewed every `leaseMs / 3` to end `leaseMs`
+ * later, then ended (at 0) on release. The writes run one after another, each with the etag the
+ * previous one got, so a renewal and the release never race. A lost row (clock jump, manual edit)
+ * is left alone: the lease runs out by itself.
+ */
+export function holdLease(table: TableClient, claimed: SlotRow, leaseMs: number, heartbeatMs = leaseMs / 3): { release(): void } {
+  let row = claimed;
+  let released = false;
+  let writes: Promise<unknown> = Promise.resolve();
+  const write = (at: number) => {
+    writes = writes.then(() =>
+      table.updateEntity({ ...row, at }, "Replace", { etag: row.etag ?? "*" }).then(
+        (r) => (row = { ...row, ...(r.etag ? { etag: r.etag } : {}) }),
+        () => undefined,
+      ),
+    );
+  };
+  const heartbeat = setInterval(() => write(Date.now() + leaseMs), heartbeatMs);
+  heartbeat.unref();
+  return {
+    release() {
+      if (released) return;
+      released = true;
+      clearInterval(heartbeat);
+      write(0);
+    },
+  };
+}
