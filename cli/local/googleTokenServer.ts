@@ -29,10 +29,10 @@
 //   no domain-wide delegation for all scopes    unauthorized_client (HTTP 401)
 // Choices where Google documents nothing: a clock skew of 300 s is tolerated; without `kid`, every
 // key of the service account is tried (Google's guide shows assertions without one).
+import { listenLoopback } from "./listenLoopback.js";
 import { createPublicKey, generateKeyPairSync, randomBytes, randomInt, randomUUID } from "node:crypto";
 import type { KeyObject } from "node:crypto";
 import { createServer, type IncomingMessage } from "node:http";
-import type { AddressInfo } from "node:net";
 import { compactVerify, decodeJwt, decodeProtectedHeader, jwtVerify } from "jose";
 import forge from "node-forge";
 // @ts-ignore -- oidc-provider ships no types (see oauthServer.ts).
@@ -195,13 +195,7 @@ export async function startGoogleTokenServer(options: GoogleTokenServerOptions):
 
   let handler: ((req: IncomingMessage, res: import("node:http").ServerResponse) => void) | undefined;
   const server = createServer((req, res) => handler!(req, res));
-  const host = options.host ?? "127.0.0.1";
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(options.port ?? 0, host, () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
-  const origin = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const { origin } = await listenLoopback(server, options);
   const tokenPath = "/token";
   const tokenUrl = `${origin}${tokenPath}`;
   const certificatesPath = "/robot/v1/metadata/x509/";

@@ -76,10 +76,10 @@
 // 54005 code already redeemed, 501481 PKCE mismatch, 70016 authorization_pending, 70019 expired
 // device code, 65004 declined. revokeUserGrants(user) is an admin's "revoke sessions";
 // issueRefreshToken(client, user, scope) signs a user in without a browser (the local stack).
+import { listenLoopback } from "./listenLoopback.js";
 import { createHash, generateKeyPairSync, randomBytes, randomUUID, X509Certificate } from "node:crypto";
 import type { KeyObject } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
 import { jwtVerify } from "jose";
 // @ts-ignore -- oidc-provider ships no types and @types/oidc-provider is not a dependency (ts-ignore,
 // not ts-expect-error, so that adding those types later does not break the build).
@@ -584,13 +584,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     }
     handler!(req, res);
   });
-  const host = options.host ?? "127.0.0.1";
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(options.port ?? 0, host, () => resolve());
-  });
-  const { port } = server.address() as AddressInfo;
-  const origin = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+  const { origin } = await listenLoopback(server, options);
   const issuer = `${origin}/${tenant}/v2.0`;
   const tokenUrl = `${origin}${tokenPath}`;
   const userByOid = (oid: unknown) => [...users.values()].find((u) => u.oid === oid);
