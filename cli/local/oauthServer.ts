@@ -49,6 +49,19 @@
 //   "invalid" / "expired" / "audience" (a resource server answers 401) or "permission" / "user" (the
 //   token is good but does not allow this: 403).
 //
+// IMAP (the `imap` option; without it nothing below exists in tokens): Exchange Online IMAP is the
+// primary resource too. App-only tokens of the clients in `imap.appClients` (default: all) also carry
+// the IMAP.AccessAsApp role; IMAP.AccessAsUser.All is consented as a delegated permission. Exchange
+// also wants the app's service principal granted each mailbox (Add-MailboxPermission): that is
+// `imap.mailboxPermissions` (client id -> mailboxes), changed at run time with addMailboxPermission /
+// removeMailboxPermission. An IMAP server checks a token with `introspectionUrl`, an RFC 7662
+// endpoint (POST token=...; always 200, `active` false for a refused token) that answers, for a token
+// verifyAccessToken accepts with IMAP.AccessAsApp (app-only) or IMAP.AccessAsUser.All (delegated):
+// `scope` (the roles or scp), `client_id`, `username` (delegated: the upn; app-only: the client id)
+// and `mailboxes`: the mailboxes the token may open, ",a@x,b@y," (delegated: the user's own). An
+// introspection request does not name the mailbox being opened (Dovecot's does not), so the IMAP
+// server checks that the login user is one of `mailboxes` (test/support/dovecot.ts).
+//
 // Delegated sign-in (AUTH_METHOD=refresh-token, `queue-mailer authorize`): a client registered with
 // `redirectUris` is a "Mobile and desktop" app registration (oidc-provider's native application
 // type: a loopback redirect such as http://localhost matches any port, RFC 8252 7.3) that may use
@@ -80,7 +93,7 @@ import { listenLoopback } from "./listenLoopback.js";
 import { createHash, generateKeyPairSync, randomBytes, randomUUID, X509Certificate } from "node:crypto";
 import type { KeyObject } from "node:crypto";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
-import { jwtVerify } from "jose";
+import { decodeJwt, jwtVerify } from "jose";
 // @ts-ignore -- oidc-provider ships no types and @types/oidc-provider is not a dependency (ts-ignore,
 // not ts-expect-error, so that adding those types later does not break the build).
 import Provider, { errors } from "oidc-provider";
@@ -140,12 +153,39 @@ export interface OAuthServerOptions {
    * Ignored when `resource` is Graph itself.
    */
   graph?: { roles?: string[]; delegatedPermissions?: string[] };
+  /**
+   * Exchange Online IMAP on the primary resource (see the IMAP notes above). Without this option
+   * tokens carry no IMAP permission and no mailbox is granted to any app.
+   */
+  imap?: ImapOptions;
   /** Default 3600. */
   accessTokenTtlSeconds?: number;
   /** Device flow: the polling interval announced (Microsoft: 5). Default 5. */
   deviceCodeIntervalSeconds?: number;
   /** Lifetime of each refresh token; a rotation issues a fresh one. Default 90 days (Entra's inactivity limit). */
   refreshTokenTtlSeconds?: number;
+}
+
+export interface ImapOptions {
+  /** App registrations admin-consented IMAP.AccessAsApp: their app-only tokens carry it. Default: every client. */
+  appClients?: string[];
+  /** Exchange's Add-MailboxPermission: client id -> the mailboxes its app-only tokens may open. */
+  mailboxPermissions?: Record<string, string[]>;
+  /** Delegated permissions consented on top of the primary resource's. Default ["IMAP.AccessAsUser.All"]. */
+  delegatedPermissions?: string[];
+}
+
+/** The application permission Exchange Online requires for IMAP with an app-only token. */
+export const IMAP_APP_PERMISSION = "IMAP.AccessAsApp";
+/** The delegated permission Exchange Online requires for IMAP with a user's token. */
+export const IMAP_DELEGATED_PERMISSION = "IMAP.AccessAsUser.All";
+
+/** What the introspection endpoint answered (no token values). */
+export interface IntrospectionRecord {
+  active: boolean;
+  clientId?: string;
+  /** Why the token was refused. */
+  reason?: string;
 }
 
 /**
@@ -202,6 +242,15 @@ export interface OAuthServer {
    * primary resource every configured role (app-only) or SMTP.Send (delegated); for Graph Mail.Send.
    */
   verifyAccessToken(token: string, user?: string, resource?: string, permission?: string): Promise<AccessTokenCheck>;
+  /**
+   * RFC 7662 token introspection for an IMAP server (POST `token`; see the IMAP notes at the top).
+   * Answers only for the primary resource's IMAP permissions.
+   */
+  introspectionUrl: string;
+  /** Exchange's Add-MailboxPermission for the app's service principal (app-only IMAP). */
+  addMailboxPermission(clientId: string, mailbox: string): void;
+  /** Exchange's Remove-MailboxPermission. */
+  removeMailboxPermission(clientId: string, mailbox: string): void;
   /** Adds or replaces an app registration (rotate or expire a secret). */
   registerClient(client: ClientRegistration): void;
   /** Adds or replaces a user (change a password, require MFA). */
@@ -218,6 +267,8 @@ export interface OAuthServer {
     devicePolls: Array<{ at: number; answer: string }>;
     /** Device polls that came sooner than the interval in force but could not be refused (the code was ready). */
     devicePollsTooEarly: number;
+    /** Every answer of the introspection endpoint, in order. */
+    introspections: IntrospectionRecord[];
   };
   resetStats(): void;
   /** http://host:port/<tenant>/oauth2/v2.0/authorize: AUTHORIZE_URL. */
@@ -486,7 +537,15 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const delegatedPermissions = options.delegatedPermissions ?? ["SMTP.Send"];
   const ttl = options.accessTokenTtlSeconds ?? 3600;
   const scope = `${resource}/.default`;
-  const served = servedResources(resource, { roles, delegatedPermissions }, options.graph);
+  const imapDelegated = options.imap ? (options.imap.delegatedPermissions ?? [IMAP_DELEGATED_PERMISSION]) : [];
+  const served = servedResources(resource, { roles, delegatedPermissions: [...new Set([...delegatedPermissions, ...imapDelegated])] }, options.graph);
+  const imapAppClients = options.imap?.appClients === undefined ? undefined : new Set(options.imap.appClients);
+  /** Client id -> mailboxes (lower case) its app-only tokens may open over IMAP. */
+  const mailboxPermissions = new Map<string, Set<string>>();
+  for (const [clientId, mailboxes] of Object.entries(options.imap?.mailboxPermissions ?? {})) {
+    mailboxPermissions.set(clientId, new Set(mailboxes.map((m) => m.toLowerCase())));
+  }
+  const introspectPath = `/${tenant}/oauth2/v2.0/introspect`;
   const tokenPath = `/${tenant}/oauth2/v2.0/token`;
   const jwksPath = `/${tenant}/discovery/v2.0/keys`;
   const authorizePath = `/${tenant}/oauth2/v2.0/authorize`;
@@ -556,7 +615,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
   const signingKid = randomUUID();
   const signingPublicKey: KeyObject = signing.publicKey;
 
-  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [], requests: [], familiesRevoked: 0, devicePolls: [], devicePollsTooEarly: 0 };
+  const stats: OAuthServer["stats"] = { tokenRequests: 0, tokensIssued: 0, errors: [], requests: [], familiesRevoked: 0, devicePolls: [], devicePollsTooEarly: 0, introspections: [] };
   const adapterStore: AdapterStore = new Map();
   const seen = new Set<string>();
   const remember = (value: unknown) => {
@@ -579,6 +638,13 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       handleInteraction(req, res).catch((error: unknown) => {
         if (!res.headersSent) res.writeHead(500, { "content-type": "text/html; charset=utf-8" });
         res.end(htmlPage("Error", `<p>${escapeHtml((error as Error).message)}</p>`));
+      });
+      return;
+    }
+    if (req.method === "POST" && (req.url ?? "").split("?")[0] === introspectPath) {
+      introspect(req, res).catch((error: unknown) => {
+        if (!res.headersSent) res.writeHead(500, { "content-type": "application/json" });
+        res.end(JSON.stringify({ error: "server_error", error_description: (error as Error).message }));
       });
       return;
     }
@@ -728,7 +794,8 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       assertRegisteredSecretTransport(ctx);
       // The application permissions consented for the resource this token is for.
       const target = served.get(identifierOf(token.resourceServer?.identifier() ?? resource));
-      return { roles: target?.roles ?? roles, appid: token.clientId, azp: token.clientId, tid: tenant };
+      const imapRole = options.imap !== undefined && target === served.get(resource) && (imapAppClients === undefined || imapAppClients.has(token.clientId));
+      return { roles: [...(target?.roles ?? roles), ...(imapRole ? [IMAP_APP_PERMISSION] : [])], appid: token.clientId, azp: token.clientId, tid: tenant };
     },
     formats: {
       customizers: {
@@ -940,6 +1007,76 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
 
   handler = provider.callback();
 
+  /** See OAuthServer.verifyAccessToken. */
+  async function verifyAccessToken(token: string, user?: string, forResource = resource, permission?: string): Promise<AccessTokenCheck> {
+    const target = served.get(forResource);
+    if (!target) return { ok: false, problem: "audience", reason: `resource ${forResource} is not served by this token issuer` };
+    let claims: Record<string, unknown>;
+    try {
+      ({ payload: claims } = await jwtVerify(token, signingPublicKey, { issuer, audience: target.audiences, algorithms: ["RS256"] }));
+    } catch (err) {
+      const { code, claim } = err as { code?: string; claim?: string };
+      const problem: AccessTokenProblem = code === "ERR_JWT_EXPIRED" ? "expired" : code === "ERR_JWT_CLAIM_VALIDATION_FAILED" && claim === "aud" ? "audience" : "invalid";
+      return { ok: false, problem, reason: `access token rejected: ${(err as Error).message}` };
+    }
+    if (typeof claims.scp === "string") {
+      // Exchange and Graph take a delegated token only for the mailbox of the user it was issued to.
+      const needed = permission ?? target.delegatedRequirement;
+      if (!claims.scp.split(" ").includes(needed)) return { ok: false, problem: "permission", reason: `delegated token lacks ${needed} (scp "${claims.scp}")` };
+      const tokenUser = typeof claims.upn === "string" ? claims.upn : typeof claims.preferred_username === "string" ? claims.preferred_username : undefined;
+      if (tokenUser === undefined) return { ok: false, problem: "user", reason: "delegated token names no user (upn)" };
+      if (user === undefined) return { ok: false, problem: "user", reason: `delegated token for ${tokenUser}, but no mailbox was given to compare` };
+      if (tokenUser.toLowerCase() !== user.toLowerCase()) return { ok: false, problem: "user", reason: `delegated token is for ${tokenUser}, not ${user}` };
+      return { ok: true, claims };
+    }
+    const granted = Array.isArray(claims.roles) ? claims.roles : [];
+    const missing = (permission === undefined ? target.appRequirement : [permission]).filter((role) => !granted.includes(role));
+    if (missing.length > 0) return { ok: false, problem: "permission", reason: `access token lacks role(s) ${missing.join(", ")}` };
+    return { ok: true, claims };
+  }
+
+  /**
+   * RFC 7662 introspection for an IMAP server: the token must pass verifyAccessToken for the primary
+   * resource with the IMAP permission of its kind; the answer lists the mailboxes it may open.
+   */
+  async function introspect(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const chunks: Buffer[] = [];
+    for await (const chunk of req) chunks.push(chunk as Buffer);
+    const token = new URLSearchParams(Buffer.concat(chunks).toString("utf8")).get("token") ?? "";
+    const answer = (body: Record<string, unknown>, record: IntrospectionRecord) => {
+      stats.introspections.push(record);
+      res.writeHead(200, { "content-type": "application/json", "cache-control": "no-store" });
+      res.end(JSON.stringify(body));
+    };
+    let unverified: Record<string, unknown>;
+    try {
+      unverified = decodeJwt(token);
+    } catch {
+      return answer({ active: false }, { active: false, reason: "not a JWT" });
+    }
+    const delegated = typeof unverified.scp === "string";
+    const upn = typeof unverified.upn === "string" ? unverified.upn : undefined;
+    const check = await verifyAccessToken(token, upn, resource, delegated ? IMAP_DELEGATED_PERMISSION : IMAP_APP_PERMISSION);
+    const clientId = typeof unverified.azp === "string" ? unverified.azp : typeof unverified.appid === "string" ? unverified.appid : undefined;
+    if (!check.ok) return answer({ active: false }, { active: false, ...(clientId ? { clientId } : {}), reason: check.reason });
+    const claims = check.claims;
+    const mailboxes = delegated ? [String(claims.upn).toLowerCase()] : [...(mailboxPermissions.get(String(claims.azp)) ?? [])];
+    answer(
+      {
+        active: true,
+        token_type: "Bearer",
+        client_id: claims.azp,
+        scope: delegated ? claims.scp : (claims.roles as string[]).join(" "),
+        username: delegated ? claims.upn : claims.azp,
+        sub: claims.sub,
+        exp: claims.exp,
+        iss: claims.iss,
+        mailboxes: `,${mailboxes.join(",")},`,
+      },
+      { active: true, clientId: String(claims.azp) },
+    );
+  }
+
   /** A page of the sign-in: always HTML, never cached. */
   function sendPage(res: ServerResponse, status: number, title: string, body: string): void {
     res.writeHead(status, { "content-type": "text/html; charset=utf-8", "cache-control": "no-store" });
@@ -1014,31 +1151,15 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
     delegatedScope: `${resource}/${DELEGATED_SMTP_PERMISSION}`,
     graphScope: `${GRAPH_RESOURCE}/.default`,
     graphDelegatedScope: `${GRAPH_RESOURCE}/${GRAPH_MAIL_SEND}`,
-    async verifyAccessToken(token, user, forResource = resource, permission) {
-      const target = served.get(forResource);
-      if (!target) return { ok: false, problem: "audience", reason: `resource ${forResource} is not served by this token issuer` };
-      let claims: Record<string, unknown>;
-      try {
-        ({ payload: claims } = await jwtVerify(token, signingPublicKey, { issuer, audience: target.audiences, algorithms: ["RS256"] }));
-      } catch (err) {
-        const { code, claim } = err as { code?: string; claim?: string };
-        const problem: AccessTokenProblem = code === "ERR_JWT_EXPIRED" ? "expired" : code === "ERR_JWT_CLAIM_VALIDATION_FAILED" && claim === "aud" ? "audience" : "invalid";
-        return { ok: false, problem, reason: `access token rejected: ${(err as Error).message}` };
-      }
-      if (typeof claims.scp === "string") {
-        // Exchange and Graph take a delegated token only for the mailbox of the user it was issued to.
-        const needed = permission ?? target.delegatedRequirement;
-        if (!claims.scp.split(" ").includes(needed)) return { ok: false, problem: "permission", reason: `delegated token lacks ${needed} (scp "${claims.scp}")` };
-        const tokenUser = typeof claims.upn === "string" ? claims.upn : typeof claims.preferred_username === "string" ? claims.preferred_username : undefined;
-        if (tokenUser === undefined) return { ok: false, problem: "user", reason: "delegated token names no user (upn)" };
-        if (user === undefined) return { ok: false, problem: "user", reason: `delegated token for ${tokenUser}, but no mailbox was given to compare` };
-        if (tokenUser.toLowerCase() !== user.toLowerCase()) return { ok: false, problem: "user", reason: `delegated token is for ${tokenUser}, not ${user}` };
-        return { ok: true, claims };
-      }
-      const granted = Array.isArray(claims.roles) ? claims.roles : [];
-      const missing = (permission === undefined ? target.appRequirement : [permission]).filter((role) => !granted.includes(role));
-      if (missing.length > 0) return { ok: false, problem: "permission", reason: `access token lacks role(s) ${missing.join(", ")}` };
-      return { ok: true, claims };
+    verifyAccessToken,
+    introspectionUrl: `${origin}${introspectPath}`,
+    addMailboxPermission(clientId, mailbox) {
+      const granted = mailboxPermissions.get(clientId) ?? new Set<string>();
+      granted.add(mailbox.toLowerCase());
+      mailboxPermissions.set(clientId, granted);
+    },
+    removeMailboxPermission(clientId, mailbox) {
+      mailboxPermissions.get(clientId)?.delete(mailbox.toLowerCase());
     },
     authorizeUrl: `${origin}${authorizePath}`,
     deviceCodeUrl: `${origin}${deviceCodePath}`,
@@ -1096,6 +1217,7 @@ export async function startOAuthServer(options: OAuthServerOptions): Promise<OAu
       stats.familiesRevoked = 0;
       stats.devicePolls.length = 0;
       stats.devicePollsTooEarly = 0;
+      stats.introspections.length = 0;
     },
     failNext(count, status, body, headers) {
       for (let i = 0; i < count; i++) injected.push({ status, body, headers });
