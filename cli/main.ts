@@ -17,6 +17,7 @@ import { authorizeCommand } from "./authorizeCommand.js";
 import { doctorCommand } from "./doctorCommand.js";
 import { poisonCommand } from "./poisonCommand.js";
 import { statusCommand } from "./statusCommand.js";
+import { suppressionCommand } from "./suppressionCommand.js";
 import { templateCommand } from "./templateCommand.js";
 import { runWorker } from "./worker.js";
 
@@ -54,6 +55,12 @@ Usage:
                                       REFRESH_TOKEN_NAME or REFRESH_TOKEN_PATH. Waits 300 s at most.
   queue-mailer status ID [--json]     What happened to message ID (sent, retried, poisoned, ...),
                                       newest last, from the deliveryevents table. Exits 1 if unknown.
+  queue-mailer suppression list [--json]
+                                      Addresses the sender leaves out (bounced, or added by hand),
+                                      with why and since when.
+  queue-mailer suppression add ADDRESS [--reason TEXT]
+  queue-mailer suppression remove ADDRESS
+                                      Stop sending to ADDRESS, or send to it again.
   queue-mailer template preview NAME --data data.json [--out DIR]
                                       Render template NAME (TEMPLATE_DIR or TEMPLATE_CONTAINER) and
                                       write NAME.eml and NAME.html to DIR (default: the current folder).
@@ -191,6 +198,8 @@ export async function main(argv: string[]): Promise<number> {
         return await statusCommand(rest);
       case "template":
         return await templateCommand(rest);
+      case "suppression":
+        return await suppressionCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

@@ -7,7 +7,7 @@ import { readDeliveryEvents, type DeliveryEvent } from "../shared/events/deliver
 function line(event: DeliveryEvent): string {
   const detail =
     event.event === "sent" || event.event === "duplicate"
-      ? `${event.messageId ?? ""} ${event.response ?? ""}`
+      ? `${event.messageId ?? ""} ${event.response ?? ""}${event.suppressed?.length ? ` (suppressed, not sent to: ${event.suppressed.join(", ")})` : ""}`
       : `${event.code ?? ""}: ${event.reason ?? ""}${event.afterSeconds === undefined ? "" : ` (again in ${event.afterSeconds} s)`}`;
   return `${event.at}  attempt ${event.attempt}  ${event.event.padEnd(9)}  ${detail.trim()}`;
 }

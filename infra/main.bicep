@@ -187,7 +187,8 @@ var deploymentContainer = 'app-package'
 // (shared/send/sendLedger.ts SEND_LEDGER_TABLE), sendrate (shared/send/rateLimiter.ts RATE_TABLE),
 // smtpconnections (shared/send/connectionSlots.ts CONNECTION_TABLE), deliveryevents
 // (shared/events/deliveryEvents.ts DELIVERY_EVENTS_TABLE), refreshtokenlease
-// (shared/auth/refreshTokenLease.ts REFRESH_TOKEN_LEASE_TABLE). The code creates them if
+// (shared/auth/refreshTokenLease.ts REFRESH_TOKEN_LEASE_TABLE), suppressions
+// (shared/bounces/suppressionList.ts SUPPRESSIONS_TABLE). The code creates them if
 // they are missing; creating them here makes the account complete before the first message.
 var appTables = [
   'dailyrecipients'
@@ -198,6 +199,7 @@ var appTables = [
   'sendledger'
   'sendrate'
   'smtpconnections'
+  'suppressions'
 ]
 
 // Built-in role definition IDs (same in every Azure cloud).
@@ -590,6 +592,7 @@ var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 // Settings not set here (read only by `queue-mailer authorize`, run by an operator on their own machine; defaults apply): AUTHORIZE_URL, DEVICE_CODE_URL, AUTHORIZE_REDIRECT_PORT
 // Settings not set here (read only by `queue-mailer doctor --dns`, run by an operator): DNS_SERVERS
 // Settings not set here (optional features, off by default; add them as app settings to use them): EVENTS_QUEUE, TEMPLATE_DIR, TEMPLATE_CONTAINER
+// Settings not set here (bounce watch and suppression list; defaults apply, IMAP_HOST follows AUTH_METHOD): BOUNCES_ENABLED, BOUNCE_CHECK_SCHEDULE, IMAP_HOST, IMAP_PORT, IMAP_SCOPE, BOUNCE_FOLDER, BOUNCE_DONE_FOLDER, SOFT_BOUNCE_LIMIT, SUPPRESSION_CHECK
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {

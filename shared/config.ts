@@ -91,6 +91,15 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "EXPIRY_CHECK_APP_REGISTRATION", type: "enum", default: "false", values: ["true", "false"], description: "Also read the app registration's certificates and client secrets (end dates) through Microsoft Graph; needs the Application.Read.All application permission." },
   { name: "EXPIRY_ALERT_TO", type: "string", description: "Alert email recipients (comma list), enqueued on MAIL_QUEUE like any message. Empty: no email alerts." },
   { name: "EXPIRY_WEBHOOK_URL", type: "url", description: "Incoming webhook (Teams or Slack) that receives alerts as JSON `{ \"text\": … }`. Empty: no webhook.", secret: true },
+  { name: "BOUNCES_ENABLED", type: "enum", default: "true", values: ["true", "false"], description: "The bounce watch (`bounceWatch` timer, `queue-mailer bounces`): read the sending mailbox over IMAP and put addresses that bounce on the suppression list. `false` turns it off (the app has no IMAP permission, or another tool reads the mailbox)." },
+  { name: "BOUNCE_CHECK_SCHEDULE", type: "string", default: "0 */5 * * * *", description: "When the bounce watch reads the mailbox: six-field NCRONTAB, UTC (every 5 minutes by default)." },
+  { name: "IMAP_HOST", type: "string", default: "outlook.office365.com", defaultFor: { "google-service-account": "imap.gmail.com" }, description: "IMAP server of the sending mailbox (`SMTP_USER`), where non-delivery reports arrive; signed in with XOAUTH2 and the same credential as sending." },
+  { name: "IMAP_PORT", type: "integer", default: "993", min: 1, description: "IMAP port; implicit TLS." },
+  { name: "IMAP_SCOPE", type: "string", default: "https://outlook.office365.com/.default", defaultFor: { "google-service-account": "https://mail.google.com/", password: "https://outlook.office365.com/IMAP.AccessAsUser.All", "refresh-token": "https://outlook.office365.com/IMAP.AccessAsUser.All offline_access" }, description: "Scope of the token for IMAP. The app's `.default` covers `IMAP.AccessAsApp` (with `New-ServicePrincipal` and `Add-MailboxPermission`); delegated methods ask for `IMAP.AccessAsUser.All`, which the user must have consented to. Google with `refresh-token`: `https://mail.google.com/`." },
+  { name: "BOUNCE_FOLDER", type: "string", default: "INBOX", description: "Mailbox folder the bounce watch reads; messages that are not bounces are left in it." },
+  { name: "BOUNCE_DONE_FOLDER", type: "string", default: "queue-mailer-processed", description: "Folder processed bounce reports are moved to (created if missing), so each is read once." },
+  { name: "SOFT_BOUNCE_LIMIT", type: "integer", default: "3", min: 1, description: "Soft bounces (4.x.x, or delays) of distinct messages within 7 days that put an address on the suppression list; a hard bounce (5.x.x) does at once." },
+  { name: "SUPPRESSION_CHECK", type: "enum", default: "true", values: ["true", "false"], description: "Check every message's recipients against the `suppressions` table before sending: suppressed recipients are dropped, and a message left with none is poisoned with RECIPIENT_SUPPRESSED. One point read per recipient." },
   { name: "WORKER_BATCH_SIZE", type: "integer", default: "16", min: 1, description: "Worker: messages taken per poll (at most 32), like `batchSize` in host.json." },
   { name: "DNS_SERVERS", type: "string", description: "`queue-mailer doctor --dns`: DNS servers to ask instead of the system's resolver: comma list of IP addresses with an optional port (`host[:port]`, e.g. `1.1.1.1,127.0.0.1:5353`). Empty: the system's." },
 ];
@@ -202,6 +211,8 @@ export interface MessagePolicy {
   /** Lower-case domains; empty means every domain. */
   allowedRecipientDomains: string[];
   sendLedger: boolean;
+  /** SUPPRESSION_CHECK: leave out recipients on the suppression list (absent: on). */
+  suppressionCheck?: boolean;
   /** Where templates are read: TEMPLATE_DIR wins over TEMPLATE_CONTAINER; neither (or absent): no templates. */
   templates?: { dir?: string; container?: string };
 }
@@ -559,6 +570,7 @@ export function loadSendConfig(env: Env): SendConfig {
     maxMessageBytes: reader.integer("MAX_MESSAGE_BYTES"),
     allowedRecipientDomains: (reader.raw("ALLOWED_RECIPIENT_DOMAINS") ?? "").split(",").map((d) => d.trim().toLowerCase()).filter(Boolean),
     sendLedger: reader.oneOf<"true" | "false">("SEND_LEDGER") === "true",
+    suppressionCheck: reader.oneOf<"true" | "false">("SUPPRESSION_CHECK") === "true",
     templates: templateSource(reader),
   };
   reader.throwIfProblems();
@@ -720,4 +732,61 @@ export function loadDnsServers(env: Env): string[] {
 export function expirySchedule(env: Env): string {
   const value = env["EXPIRY_CHECK_SCHEDULE"]?.trim();
   return value ? value : (settingSpecs.find((s) => s.name === "EXPIRY_CHECK_SCHEDULE")?.default ?? "0 0 7 * * *");
+}
+
+export interface BounceConfig {
+  /** BOUNCES_ENABLED. */
+  enabled: boolean;
+  /** BOUNCE_CHECK_SCHEDULE: six-field NCRONTAB. */
+  schedule: string;
+  /** The suppression list and the send ledger (Message-ID → id) live here. */
+  storage: StorageConfig;
+  /** The credential of the sender, asking for IMAP_SCOPE instead of TOKEN_SCOPE. */
+  auth: AuthConfig;
+  /** `user`: the sending mailbox (SMTP_USER or MAILBOX), where its reports arrive. */
+  imap: { host: string; port: number; user: string };
+  folder: string;
+  doneFolder: string;
+  softBounceLimit: number;
+}
+
+/** What the bounce watch needs. Throws one ConfigError naming every problem. */
+export function loadBounceConfig(env: Env): BounceConfig {
+  const reader = new SettingReader(env);
+  const storage = storageConfig(reader);
+  const method = reader.oneOf<AuthMethod>("AUTH_METHOD");
+  if (AUTH_METHODS.includes(method)) reader.method = method;
+  const mailboxAlias = reader.raw("MAILBOX");
+  const user = reader.raw("SMTP_USER") === undefined && mailboxAlias ? mailboxAlias : reader.required("SMTP_USER", "Set it to the mailbox the app sends as: its non-delivery reports arrive there, and the bounce watch reads it over IMAP.");
+  const imapScope = reader.raw("IMAP_SCOPE") ?? "";
+  const auth = { ...authConfig(reader, env, method, user, storage), scope: imapScope };
+  const schedule = reader.raw("BOUNCE_CHECK_SCHEDULE") ?? "";
+  if (schedule.trim().split(/\s+/).length !== 6) {
+    reader.problems.push({ setting: "BOUNCE_CHECK_SCHEDULE", problem: `must be a six-field NCRONTAB expression (second minute hour day month weekday), e.g. "0 */5 * * * *"; got "${schedule}"` });
+  }
+  const port = reader.integer("IMAP_PORT");
+  if (port > 65535) reader.problems.push({ setting: "IMAP_PORT", problem: `must be a TCP port (1-65535), got "${port}"` });
+  const folder = reader.raw("BOUNCE_FOLDER") ?? "INBOX";
+  const doneFolder = reader.raw("BOUNCE_DONE_FOLDER") ?? "queue-mailer-processed";
+  if (folder.toLowerCase() === doneFolder.toLowerCase()) {
+    reader.problems.push({ setting: "BOUNCE_DONE_FOLDER", problem: `is "${doneFolder}", the folder the bounce watch reads (BOUNCE_FOLDER). Give processed reports a folder of their own, e.g. queue-mailer-processed` });
+  }
+  const config: BounceConfig = {
+    enabled: reader.oneOf<"true" | "false">("BOUNCES_ENABLED") === "true",
+    schedule,
+    storage,
+    auth,
+    imap: { host: reader.raw("IMAP_HOST") ?? "", port, user },
+    folder,
+    doneFolder,
+    softBounceLimit: reader.integer("SOFT_BOUNCE_LIMIT"),
+  };
+  reader.throwIfProblems();
+  return config;
+}
+
+/** The bounce timer's schedule, read at registration time (the Functions host needs it before any run). */
+export function bounceSchedule(env: Env): string {
+  const value = env["BOUNCE_CHECK_SCHEDULE"]?.trim();
+  return value ? value : (settingSpecs.find((s) => s.name === "BOUNCE_CHECK_SCHEDULE")?.default ?? "0 */5 * * * *");
 }

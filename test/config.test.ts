@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { loadSendConfig, loadStorageConfig, readSettings, settingSpecs } from "../shared/config.js";
+import { loadBounceConfig, loadSendConfig, loadStorageConfig, readSettings, settingSpecs } from "../shared/config.js";
 import { ConfigError } from "../shared/errors.js";
 import { spawnCli } from "./support/cli.js";
 
@@ -90,6 +90,20 @@ describe("config", () => {
     const sample = JSON.parse((await import("node:fs")).readFileSync("local.settings.sample.json", "utf8")) as { Values: Record<string, string> };
     const missing = settingSpecs.map((s) => s.name).filter((name) => !(name in sample.Values) && !name.startsWith("AzureWebJobsStorage__"));
     assert.deepEqual(missing, []);
+  });
+
+  it("bounce watch: IMAP defaults follow AUTH_METHOD, the token asks for IMAP_SCOPE, every problem named", () => {
+    const microsoft = loadBounceConfig(complete);
+    assert.deepEqual([microsoft.imap, microsoft.auth.scope, microsoft.folder, microsoft.doneFolder, microsoft.softBounceLimit, microsoft.schedule, microsoft.enabled], [
+      { host: "outlook.office365.com", port: 993, user: "mailer@contoso.com" }, "https://outlook.office365.com/.default", "INBOX", "queue-mailer-processed", 3, "0 */5 * * * *", true,
+    ]);
+    const google = loadBounceConfig({ ...complete, AUTH_METHOD: "google-service-account", GOOGLE_KEY_PATH: "/keys/sa.json" });
+    assert.deepEqual([google.imap.host, google.auth.scope], ["imap.gmail.com", "https://mail.google.com/"]);
+    // A Graph sender's TOKEN_SCOPE is for Graph; IMAP asks for its own.
+    const delegated = loadBounceConfig({ ...complete, AUTH_METHOD: "password", MAILBOX_PASSWORD: "pw", TOKEN_SCOPE: "https://graph.microsoft.com/Mail.Send" });
+    assert.equal(delegated.auth.scope, "https://outlook.office365.com/IMAP.AccessAsUser.All");
+    const error = configError(() => loadBounceConfig({ ...complete, BOUNCE_DONE_FOLDER: "inbox", SOFT_BOUNCE_LIMIT: "0", BOUNCE_CHECK_SCHEDULE: "*/5 * * * *" }));
+    assert.deepEqual(error.settings.sort(), ["BOUNCE_CHECK_SCHEDULE", "BOUNCE_DONE_FOLDER", "SOFT_BOUNCE_LIMIT"]);
   });
 });
 

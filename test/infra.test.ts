@@ -13,6 +13,7 @@ import { MAILBOX_PAUSE_TABLE } from "../shared/send/mailboxPause.js";
 import { RATE_TABLE } from "../shared/send/rateLimiter.js";
 import { SEND_LEDGER_TABLE } from "../shared/send/sendLedger.js";
 import { DELIVERY_EVENTS_TABLE } from "../shared/events/deliveryEvents.js";
+import { SUPPRESSIONS_TABLE } from "../shared/bounces/suppressionList.js";
 
 const bicep = readFileSync("infra/main.bicep", "utf8");
 const specNames = settingSpecs.map((s) => s.name);
@@ -243,7 +244,7 @@ describe("infra/main.bicep resources", () => {
 
   it("creates every table the code uses", () => {
     const tables = /^var appTables = \[([\s\S]*?)\]/m.exec(bicep)?.[1] ?? "";
-    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE, MAILBOX_PAUSE_TABLE, DAILY_RECIPIENT_TABLE, DELIVERY_EVENTS_TABLE]) {
+    for (const table of [SEND_LEDGER_TABLE, ALERT_TABLE, RATE_TABLE, CONNECTION_TABLE, MAILBOX_PAUSE_TABLE, DAILY_RECIPIENT_TABLE, DELIVERY_EVENTS_TABLE, SUPPRESSIONS_TABLE]) {
       assert.match(tables, new RegExp(`'${table}'`), `table ${table}`);
     }
     const [block] = resourceBlock("Microsoft.Storage/storageAccounts/tableServices/tables");

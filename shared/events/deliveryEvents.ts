@@ -36,6 +36,8 @@ export interface DeliveryEvent {
   messageId?: string;
   /** sent: the server's reply. */
   response?: string;
+  /** sent: recipients left out because they are on the suppression list (the others got it). */
+  suppressed?: string[];
   /** retry, poisoned, scheduled, deferred: why. */
   code?: string;
   reason?: string;
@@ -47,7 +49,7 @@ export function deliveryEventOf(outcome: Outcome, meta: QueueMessageMeta, now = 
   const base = { type: "queue-mailer.delivery", version: 1, id: outcome.id, at: now.toISOString(), attempt: meta.dequeueCount, queueMessageId: meta.queueMessageId } as const;
   switch (outcome.status) {
     case "sent":
-      return { ...base, event: outcome.duplicate ? "duplicate" : "sent", messageId: outcome.messageId, response: outcome.response.slice(0, 1000) };
+      return { ...base, event: outcome.duplicate ? "duplicate" : "sent", messageId: outcome.messageId, response: outcome.response.slice(0, 1000), ...(outcome.suppressed === undefined ? {} : { suppressed: outcome.suppressed }) };
     case "retry":
       return { ...base, event: "retry", code: outcome.error.code, reason: outcome.error.message.slice(0, 1000), afterSeconds: outcome.afterSeconds };
     case "poison":
@@ -90,7 +92,9 @@ export function deliveryEventRecorder(storage: StorageConfig, logger: Logger): D
 
   return {
     record(event) {
-      track("table", event, async () => (await table()).createEntity({ partitionKey: tableKey(event.id), rowKey: rowKeyFor(event.at), ...event }));
+      // A table property cannot hold a list: `suppressed` is stored as JSON text.
+      const row = { partitionKey: tableKey(event.id), rowKey: rowKeyFor(event.at), ...event, ...(event.suppressed === undefined ? {} : { suppressed: JSON.stringify(event.suppressed) }) };
+      track("table", event, async () => (await table()).createEntity(row));
       if (eventsQueueName !== undefined) track("queue", event, async () => (await queue()).sendMessage(encodeQueueText(JSON.stringify(event))));
     },
     async settled() {
@@ -112,7 +116,8 @@ export async function readDeliveryEvents(storage: StorageConfig, id: string): Pr
   const entities = client.listEntities<DeliveryEvent & { partitionKey: string; rowKey: string }>({ queryOptions: { filter: `PartitionKey eq '${tableKey(id).replace(/'/g, "''")}'` } });
   for await (const entity of entities) {
     const { partitionKey: _p, rowKey: _r, etag: _e, timestamp: _t, ...event } = entity as typeof entity & { etag?: string; timestamp?: string };
-    events.push(event as DeliveryEvent);
+    const suppressed = (event as { suppressed?: unknown }).suppressed;
+    events.push({ ...(event as DeliveryEvent), ...(typeof suppressed === "string" ? { suppressed: JSON.parse(suppressed) as string[] } : {}) });
   }
   return events.sort((a, b) => a.at.localeCompare(b.at));
 }

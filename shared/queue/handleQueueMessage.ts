@@ -80,8 +80,9 @@ export async function handleQueueMessage(text: string, meta: QueueMessageMeta, d
       logger.log("info", "message.duplicate", { ...where(), messageId: sent.messageId, sentAt: sent.sentAt, note: "already sent; acknowledged without sending" });
       return { status: "sent", id, messageId: sent.messageId, response: "already sent", duplicate: true };
     }
-    logger.log("info", "message.sent", { ...where(), messageId: sent.result.messageId, response: sent.result.response, rejected: sent.result.rejected, resentAfterUnknownOutcome: sent.resentAfterUnknownOutcome });
-    return { status: "sent", id, messageId: sent.result.messageId, response: sent.result.response, duplicate: false };
+    const suppressed = sent.suppressed.map((r) => r.address);
+    logger.log("info", "message.sent", { ...where(), messageId: sent.result.messageId, response: sent.result.response, rejected: sent.result.rejected, resentAfterUnknownOutcome: sent.resentAfterUnknownOutcome, ...(suppressed.length > 0 ? { suppressed } : {}) });
+    return { status: "sent", id, messageId: sent.result.messageId, response: sent.result.response, duplicate: false, ...(suppressed.length > 0 ? { suppressed } : {}) };
   } catch (thrown) {
     const error = toMailerError(thrown);
     if (error.kind === "config") {

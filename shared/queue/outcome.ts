@@ -16,7 +16,8 @@ export interface PoisonRecord {
  */
 export type Outcome =
   /** Accepted by the server now, or earlier (`duplicate`: the ledger shows it was sent). */
-  | { status: "sent"; id: string; messageId: string; response: string; duplicate: boolean }
+  /** `suppressed`: recipients left out because they are on the suppression list (the rest got it). */
+  | { status: "sent"; id: string; messageId: string; response: string; duplicate: boolean; suppressed?: string[] }
   | { status: "poison"; id: string; record: PoisonRecord; error: MailerError }
   | { status: "retry"; id: string; afterSeconds: number; error: MailerError }
   /**

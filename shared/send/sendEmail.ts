@@ -1,10 +1,12 @@
-// Step 3 onwards, the send pipeline: ledger → mailbox pause → daily recipient budget → rate limit
-// → transport.send → ledger. The sender wires credential → token → transport once per process;
-// everything is created on first use (no network in module scope).
+// Step 3 onwards, the send pipeline: ledger → suppression list → mailbox pause → daily recipient
+// budget → rate limit → transport.send → ledger. The sender wires credential → token → transport
+// once per process; everything is created on first use (no network in module scope).
 import type { SendConfig } from "../config.js";
+import { normalizeAddress, tableSuppressionList, type Suppression, type SuppressionList } from "../bounces/suppressionList.js";
 import { credentialSourceFor } from "../auth/credentialSource.js";
 import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
+import type { Mailbox } from "../message/address.js";
 import type { EmailMessage } from "../message/schema.js";
 import { TokenProvider } from "../token/tokenProvider.js";
 import { createGraphTransport } from "../transport/graphTransport.js";
@@ -16,8 +18,21 @@ import { tableMailboxPause, type MailboxPause } from "./mailboxPause.js";
 import { tableRateLimiter, type RatePermit, type RateLimiter } from "./rateLimiter.js";
 import { tableSendLedger, type SendLedger } from "./sendLedger.js";
 
+/** A recipient left out of a message because it is on the suppression list. */
+export interface SuppressedRecipient {
+  address: string;
+  field: "to" | "cc" | "bcc";
+  source: Suppression["source"];
+  reason: string;
+  /** The bounce's status code, for a bounce. */
+  status?: string;
+  /** When it was suppressed. */
+  since: string;
+}
+
 export type SendOutcome =
-  | { status: "sent"; result: SendResult; resentAfterUnknownOutcome: boolean }
+  /** `suppressed`: recipients left out (the rest got the message); empty when none. */
+  | { status: "sent"; result: SendResult; resentAfterUnknownOutcome: boolean; suppressed: SuppressedRecipient[] }
   /** The ledger shows it was sent already: acknowledge, do not send again. */
   | { status: "duplicate"; messageId: string; sentAt: string };
 
@@ -38,6 +53,8 @@ export interface SenderParts {
   pause?: MailboxPause;
   /** Recipients per mailbox per 24 h (shared by all instances). */
   recipientBudget?: DailyRecipientBudget;
+  /** Addresses not to send to (shared by all instances); null: no check (SUPPRESSION_CHECK=false). */
+  suppressions?: SuppressionList | null;
 }
 
 /** Failures after which the server may have taken the message anyway (the answer was lost). */
@@ -54,6 +71,7 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
   const mailbox = config.smtp.user;
   const pause = mailboxPause;
   const recipientBudget = parts.recipientBudget ?? tableDailyRecipientBudget(config.storage, mailbox, config.dailyRecipientLimit);
+  const suppressions = parts.suppressions === undefined ? (config.messages.suppressionCheck !== false ? tableSuppressionList(config.storage, logger) : null) : parts.suppressions;
   // `limits.daily_recipients_reached` is logged once per exhaustion: not again before the room
   // that report named has freed.
   let dailyLimitQuietUntil = 0;
@@ -68,9 +86,37 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
     });
   }
 
+  /**
+   * The message without its suppressed recipients (envelope and headers both come from to/cc/bcc),
+   * or RECIPIENT_SUPPRESSED when that leaves nobody. One lookup for all recipients.
+   */
+  async function withoutSuppressed(list: SuppressionList, message: EmailMessage): Promise<{ message: EmailMessage; suppressed: SuppressedRecipient[] }> {
+    const fields = [["to", message.to], ["cc", message.cc], ["bcc", message.bcc]] as const;
+    const found = await list.lookup(fields.flatMap(([, mailboxes]) => mailboxes.map((m) => m.address)));
+    if (found.size === 0) return { message, suppressed: [] };
+    const entryFor = (m: Mailbox) => found.get(normalizeAddress(m.address));
+    const suppressed: SuppressedRecipient[] = fields.flatMap(([field, mailboxes]) =>
+      mailboxes.flatMap((m) => {
+        const entry = entryFor(m);
+        return entry === undefined ? [] : [{ address: m.address, field, source: entry.source, reason: entry.reason, ...(entry.status === undefined ? {} : { status: entry.status }), since: entry.at }];
+      }),
+    );
+    const kept = { to: message.to.filter((m) => !entryFor(m)), cc: message.cc.filter((m) => !entryFor(m)), bcc: message.bcc.filter((m) => !entryFor(m)) };
+    if (kept.to.length + kept.cc.length + kept.bcc.length === 0) {
+      const who = suppressed.map((r) => `${r.address} (${r.source}: ${r.reason.slice(0, 200)})`).join("; ");
+      throw new MailerError("RECIPIENT_SUPPRESSED", `every recipient of message ${JSON.stringify(message.id)} is on the suppression list: ${who}`.slice(0, 2000), {
+        kind: "permanent",
+        hint: "These addresses bounced or were suppressed by hand; nothing was sent. `queue-mailer suppression list` shows why; `queue-mailer suppression remove ADDRESS` once an address works again, then `queue-mailer poison requeue --id ID`.",
+      });
+    }
+    logger.log("warn", "message.recipients_suppressed", { id: message.id, suppressed, remaining: kept.to.length + kept.cc.length + kept.bcc.length, note: "left out of envelope and headers; the others get the message" });
+    return { message: { ...message, ...kept }, suppressed };
+  }
+
   return {
     tokens,
-    async send(message, redelivery) {
+    async send(original, redelivery) {
+      let message = original;
       const decision = ledger ? await ledger.begin(message.id, redelivery) : ({ state: "go", previousOutcomeUnknown: false } as const);
       if (decision.state === "sent") return { status: "duplicate", messageId: decision.messageId, sentAt: decision.sentAt };
       // Pause → daily budget → rate slot → send. The cheap refusals come first, so a paused or
@@ -79,7 +125,10 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
       let permit: RatePermit | undefined;
       let handedToTransport = false;
       let result: SendResult;
+      let suppressed: SuppressedRecipient[] = [];
       try {
+        // First: a message nobody may receive takes no budget and no rate slot, and waits for nothing.
+        if (suppressions) ({ message, suppressed } = await withoutSuppressed(suppressions, message));
         await throwIfPaused();
         const recipients = message.to.length + message.cc.length + message.bcc.length;
         const budget = await recipientBudget.reserve(recipients);
@@ -127,12 +176,12 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
       }
       permit.release();
       try {
-        await ledger?.complete(message.id, result);
+        await ledger?.complete(message.id, { ...result, suppressed: suppressed.map((r) => r.address) });
       } catch (error) {
         // Sent, but not recorded: a redelivery would send again (same Message-ID). Say so.
         logger.log("error", "ledger.write_failed", { id: message.id, error: (error as Error).message });
       }
-      return { status: "sent", result, resentAfterUnknownOutcome: decision.previousOutcomeUnknown };
+      return { status: "sent", result, resentAfterUnknownOutcome: decision.previousOutcomeUnknown, suppressed };
     },
     async probe() {
       // A fresh token: the cached one may be what the server refused.
