@@ -14,6 +14,7 @@ import type { EmailMessageInput } from "../shared/message/schema.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { openContainer } from "../shared/storage/storageClients.js";
 import { authorizeCommand } from "./authorizeCommand.js";
+import { bouncesCommand } from "./bouncesCommand.js";
 import { doctorCommand } from "./doctorCommand.js";
 import { poisonCommand } from "./poisonCommand.js";
 import { statusCommand } from "./statusCommand.js";
@@ -55,6 +56,11 @@ Usage:
                                       REFRESH_TOKEN_NAME or REFRESH_TOKEN_PATH. Waits 300 s at most.
   queue-mailer status ID [--json]     What happened to message ID (sent, retried, poisoned, ...),
                                       newest last, from the deliveryevents table. Exits 1 if unknown.
+  queue-mailer bounces [--json]       Read the sending mailbox over IMAP once now (as the bounceWatch
+                                      timer does): bounce reports for our messages go on the
+                                      suppression list and to BOUNCE_DONE_FOLDER; other mail is left
+                                      alone. Prints what was found and suppressed; exits 1 with the
+                                      error code when the pass failed.
   queue-mailer suppression list [--json]
                                       Addresses the sender leaves out (bounced, or added by hand),
                                       with why and since when.
@@ -200,6 +206,8 @@ export async function main(argv: string[]): Promise<number> {
         return await templateCommand(rest);
       case "suppression":
         return await suppressionCommand(rest);
+      case "bounces":
+        return await bouncesCommand(rest);
       default:
         process.stderr.write(`queue-mailer: unknown command "${command}"\n\n${usage}`);
         return 2;

@@ -188,9 +188,11 @@ var deploymentContainer = 'app-package'
 // smtpconnections (shared/send/connectionSlots.ts CONNECTION_TABLE), deliveryevents
 // (shared/events/deliveryEvents.ts DELIVERY_EVENTS_TABLE), refreshtokenlease
 // (shared/auth/refreshTokenLease.ts REFRESH_TOKEN_LEASE_TABLE), suppressions
-// (shared/bounces/suppressionList.ts SUPPRESSIONS_TABLE). The code creates them if
+// (shared/bounces/suppressionList.ts SUPPRESSIONS_TABLE), bouncewatch (shared/bounces/bounceWatchState.ts
+// BOUNCE_WATCH_TABLE: the bounce watch's lease and checkpoint). The code creates them if
 // they are missing; creating them here makes the account complete before the first message.
 var appTables = [
+  'bouncewatch'
   'dailyrecipients'
   'deliveryevents'
   'expiryalerts'

@@ -55,6 +55,14 @@ export interface LocalStackOptions {
    * in `refreshTokenPath` (default true). false: nothing is stored until `queue-mailer authorize` runs.
    */
   authorizeRefreshToken?: boolean;
+  /**
+   * Exchange Online IMAP on the OAuth server (the bounce watch; an IMAP server such as
+   * test/support/dovecot.ts checks tokens at `oauth.introspectionUrl`): app-only tokens carry
+   * IMAP.AccessAsApp, the certificate and secret apps hold a mailbox permission for LOCAL_MAILBOX
+   * (Add-MailboxPermission), and IMAP.AccessAsUser.All is consented for the delegated clients.
+   * Default false: tokens look exactly as without IMAP.
+   */
+  imap?: boolean;
 }
 
 export interface LocalStack {
@@ -165,6 +173,7 @@ export async function startLocalStack(options: LocalStackOptions): Promise<Local
       // With Graph, admin consent as a Graph sender needs it: Mail.Send for sendMail, Mail.ReadWrite for
       // the draft and upload session that messages over Graph's 4 MB request limit take.
       ...(options.transport === "graph" ? { graph: { roles: ["Mail.Send", "Mail.ReadWrite"], delegatedPermissions: ["Mail.Send", "Mail.ReadWrite"] } } : {}),
+      ...(options.imap === true ? { imap: { mailboxPermissions: { [LOCAL_CLIENT_ID]: [LOCAL_MAILBOX], [LOCAL_SECRET_CLIENT_ID]: [LOCAL_MAILBOX] } } } : {}),
       ...(options.accessTokenTtlSeconds === undefined ? {} : { accessTokenTtlSeconds: options.accessTokenTtlSeconds }),
     });
     const verifier = oauth;
