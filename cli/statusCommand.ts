@@ -8,7 +8,9 @@ function line(event: DeliveryEvent): string {
   const detail =
     event.event === "sent" || event.event === "duplicate"
       ? `${event.messageId ?? ""} ${event.response ?? ""}${event.suppressed?.length ? ` (suppressed, not sent to: ${event.suppressed.join(", ")})` : ""}`
-      : `${event.code ?? ""}: ${event.reason ?? ""}${event.afterSeconds === undefined ? "" : ` (again in ${event.afterSeconds} s)`}`;
+      : event.event === "bounced"
+        ? `${event.recipient ?? ""} ${event.code ?? ""}: ${event.reason ?? ""}${event.suppressed?.length ? " (now suppressed)" : ""}`
+        : `${event.code ?? ""}: ${event.reason ?? ""}${event.afterSeconds === undefined ? "" : ` (again in ${event.afterSeconds} s)`}`;
   return `${event.at}  attempt ${event.attempt}  ${event.event.padEnd(9)}  ${detail.trim()}`;
 }
 

@@ -16,6 +16,7 @@ import { tableBounceWatchState } from "../shared/bounces/bounceWatchState.js";
 import { tableSuppressionList, type SuppressionList } from "../shared/bounces/suppressionList.js";
 import { loadBounceConfig, loadStorageConfig, type BounceConfig } from "../shared/config.js";
 import { enqueueEmail } from "../shared/enqueueEmail.js";
+import { readDeliveryEvents } from "../shared/events/deliveryEvents.js";
 import { openMailQueues, type MailQueues } from "../shared/queue/mailQueue.js";
 import { messageIdFor } from "../shared/transport/mailOptions.js";
 import { spawnCli } from "./support/cli.js";
@@ -128,6 +129,15 @@ describe("bounce watch: IMAP (Dovecot, XOAUTH2) → suppression list", { skip: u
       ["old.team@fabrikam.test", "bounce-rfc3464"],
     ]);
     assert.equal(records(logger, "bounce.recorded").find((r) => r.recipient === "busy@woodgrove.test")?.softBounces, 1);
+    // Each bounce joins its message's history, after the send.
+    const history = await readDeliveryEvents(config.storage, "bounce-rfc3464");
+    assert.deepEqual(history.map((e) => e.event), ["sent", "bounced", "bounced"]);
+    assert.deepEqual(history.filter((e) => e.event === "bounced").map((e) => [e.recipient, e.code, e.messageId, e.suppressed]).sort(), [
+      ["ghost@fabrikam.test", "5.1.1", messageIdFor("bounce-rfc3464", LOCAL_MAILBOX), ["ghost@fabrikam.test"]],
+      ["old.team@fabrikam.test", "5.2.1", messageIdFor("bounce-rfc3464", LOCAL_MAILBOX), ["old.team@fabrikam.test"]],
+    ]);
+    const softHistory = await readDeliveryEvents(config.storage, "bounce-soft");
+    assert.deepEqual(softHistory.map((e) => [e.event, e.recipient, e.code, e.suppressed]), [["sent", undefined, undefined, undefined], ["bounced", "busy@woodgrove.test", "4.2.2", undefined]]);
 
     // Reports in the done folder; ordinary mail and the auto-reply where they were, not even \Seen.
     assert.deepEqual(await imap.folders(LOCAL_MAILBOX), ["INBOX", DONE]);

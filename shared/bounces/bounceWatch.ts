@@ -21,6 +21,7 @@ import { loadBounceConfig, type AuthConfig, type BounceConfig, type Env } from "
 import { credentialSourceFor } from "../auth/credentialSource.js";
 import { MailerError } from "../errors.js";
 import type { Logger, LogLevel, LogFields } from "../log.js";
+import { deliveryEventRecorder, type DeliveryEventRecorder } from "../events/deliveryEvents.js";
 import { sentMessageIndex } from "../send/sendLedger.js";
 import { TokenProvider } from "../token/tokenProvider.js";
 import { tableBounceWatchState, type BounceWatchState, type Checkpoint } from "./bounceWatchState.js";
@@ -179,9 +180,12 @@ export function createBounceWatch(config: BounceConfig, parts: BounceWatchParts 
           logger.log("info", "bounces.skipped", { ...where, reason: result.skipped });
           return result;
         }
+        // A bounce joins the message's history (`queue-mailer status ID`, EVENTS_QUEUE) like its other outcomes.
+        const events = deliveryEventRecorder(config.storage, logger);
         try {
-          await pass(logger, suppressions, result, options.maxMessages ?? MAX_MESSAGES_PER_PASS);
+          await pass(logger, suppressions, events, result, options.maxMessages ?? MAX_MESSAGES_PER_PASS);
         } finally {
+          await events.settled();
           await lease.release();
         }
       } catch (error) {
@@ -203,7 +207,7 @@ export function createBounceWatch(config: BounceConfig, parts: BounceWatchParts 
     },
   };
 
-  async function pass(logger: Logger, suppressions: SuppressionList, result: BouncePassResult, maxMessages: number): Promise<void> {
+  async function pass(logger: Logger, suppressions: SuppressionList, events: DeliveryEventRecorder, result: BouncePassResult, maxMessages: number): Promise<void> {
     const previous = await storageStep("read the bounce watch checkpoint", () => state.checkpoint(config.folder));
     const session = await signIn();
     let checkpoint: Checkpoint | undefined;
@@ -283,6 +287,22 @@ export function createBounceWatch(config: BounceConfig, parts: BounceWatchParts 
             ...(recorded.softBounces === undefined ? {} : { softBounces: recorded.softBounces }),
           });
           if (recorded.newlySuppressed) result.suppressed.push(recorded.address);
+          if (!recorded.duplicate) {
+            events.record({
+              type: "queue-mailer.delivery",
+              version: 1,
+              id: original.id,
+              event: "bounced",
+              at: new Date().toISOString(), // when we learnt it: the report's own date may be off, or before a resend
+              attempt: 0,
+              queueMessageId: "",
+              messageId: original.messageId,
+              recipient: recorded.address,
+              code: event.status,
+              reason: (event.diagnostic ?? `${event.kind} bounce (${event.action ?? (event.kind === "hard" ? "failed" : "delayed")})`).slice(0, 1000),
+              ...(recorded.newlySuppressed ? { suppressed: [recorded.address] } : {}),
+            });
+          }
         }
         if (!doneFolderReady) {
           if (await session.ensureFolder(config.doneFolder)) logger.log("info", "bounces.folder_created", { mailbox: config.imap.user, folder: config.doneFolder });

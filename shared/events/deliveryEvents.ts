@@ -18,7 +18,7 @@ import { openTable, tableKey } from "../storage/storageClients.js";
 
 export const DELIVERY_EVENTS_TABLE = "deliveryevents";
 
-export type DeliveryEventType = "sent" | "duplicate" | "retry" | "poisoned" | "scheduled" | "deferred";
+export type DeliveryEventType = "sent" | "duplicate" | "retry" | "poisoned" | "scheduled" | "deferred" | "bounced";
 
 /** One event, as stored and as put on EVENTS_QUEUE (`type` and `version` let consumers route it). */
 export interface DeliveryEvent {
@@ -29,16 +29,18 @@ export interface DeliveryEvent {
   event: DeliveryEventType;
   /** When the outcome was reached (ISO 8601, UTC). */
   at: string;
-  /** The queue's dequeue count of this attempt. */
+  /** The queue's dequeue count of this attempt (0 for a bounce: it came from the mailbox, not the queue). */
   attempt: number;
   queueMessageId: string;
   /** sent, duplicate: the Message-ID header. */
   messageId?: string;
   /** sent: the server's reply. */
   response?: string;
-  /** sent: recipients left out because they are on the suppression list (the others got it). */
+  /** sent: recipients left out because they are on the suppression list (the others got it); bounced: the recipient, when this bounce put it there. */
   suppressed?: string[];
-  /** retry, poisoned, scheduled, deferred: why. */
+  /** bounced: the recipient the report names (`code` its status, e.g. 5.1.1; `reason` the diagnostic). */
+  recipient?: string;
+  /** retry, poisoned, scheduled, deferred, bounced: why. */
   code?: string;
   reason?: string;
   /** retry, scheduled, deferred: seconds until the message is visible again. */
