@@ -594,7 +594,7 @@ var webhookSettings = empty(expiryWebhookSecretName) ? {} : webhookSetting
 // Settings not set here (read only by `queue-mailer authorize`, run by an operator on their own machine; defaults apply): AUTHORIZE_URL, DEVICE_CODE_URL, AUTHORIZE_REDIRECT_PORT
 // Settings not set here (read only by `queue-mailer doctor --dns`, run by an operator): DNS_SERVERS
 // Settings not set here (optional features, off by default; add them as app settings to use them): EVENTS_QUEUE, TEMPLATE_DIR, TEMPLATE_CONTAINER
-// Settings not set here (bounce watch and suppression list; defaults apply, IMAP_HOST follows AUTH_METHOD): BOUNCES_ENABLED, BOUNCE_CHECK_SCHEDULE, IMAP_HOST, IMAP_PORT, IMAP_SCOPE, BOUNCE_FOLDER, BOUNCE_DONE_FOLDER, SOFT_BOUNCE_LIMIT, SUPPRESSION_CHECK
+// Settings not set here (bounce watch and suppression list; defaults apply, IMAP_HOST follows AUTH_METHOD): BOUNCES_ENABLED, BOUNCE_CHECK_SCHEDULE, IMAP_HOST, IMAP_PORT, IMAP_SCOPE, BOUNCE_FOLDER, BOUNCE_DONE_FOLDER, SOFT_BOUNCE_LIMIT, SUPPRESSION_CHECK, SUPPRESSION_REFRESH_SECONDS
 // app-settings:end
 
 resource appSettings 'Microsoft.Web/sites/config@2024-04-01' = {

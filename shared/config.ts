@@ -99,7 +99,8 @@ export const settingSpecs: readonly SettingSpec[] = [
   { name: "BOUNCE_FOLDER", type: "string", default: "INBOX", description: "Mailbox folder the bounce watch reads; messages that are not bounces are left in it." },
   { name: "BOUNCE_DONE_FOLDER", type: "string", default: "queue-mailer-processed", description: "Folder processed bounce reports are moved to (created if missing), so each is read once." },
   { name: "SOFT_BOUNCE_LIMIT", type: "integer", default: "3", min: 1, description: "Soft bounces (4.x.x, or delays) of distinct messages within 7 days that put an address on the suppression list; a hard bounce (5.x.x) does at once." },
-  { name: "SUPPRESSION_CHECK", type: "enum", default: "true", values: ["true", "false"], description: "Check every message's recipients against the `suppressions` table before sending: suppressed recipients are dropped, and a message left with none is poisoned with RECIPIENT_SUPPRESSED. One point read per recipient." },
+  { name: "SUPPRESSION_CHECK", type: "enum", default: "true", values: ["true", "false"], description: "Check every message's recipients against the `suppressions` table before sending: suppressed recipients are dropped, and a message left with none is poisoned with RECIPIENT_SUPPRESSED. Each instance keeps the list in memory (see SUPPRESSION_REFRESH_SECONDS)." },
+  { name: "SUPPRESSION_REFRESH_SECONDS", type: "integer", default: "60", min: 0, description: "How often a sending instance reads the suppression list again: a new entry (a bounce, `suppression add`) is honoured within this time. The check itself then costs no storage request. 0: one point read per recipient per message instead." },
   { name: "WORKER_BATCH_SIZE", type: "integer", default: "16", min: 1, description: "Worker: messages taken per poll (at most 32), like `batchSize` in host.json." },
   { name: "DNS_SERVERS", type: "string", description: "`queue-mailer doctor --dns`: DNS servers to ask instead of the system's resolver: comma list of IP addresses with an optional port (`host[:port]`, e.g. `1.1.1.1,127.0.0.1:5353`). Empty: the system's." },
 ];
@@ -213,6 +214,8 @@ export interface MessagePolicy {
   sendLedger: boolean;
   /** SUPPRESSION_CHECK: leave out recipients on the suppression list (absent: on). */
   suppressionCheck?: boolean;
+  /** SUPPRESSION_REFRESH_SECONDS: how long the in-memory list is used; 0: point reads per message. */
+  suppressionRefreshSeconds?: number;
   /** Where templates are read: TEMPLATE_DIR wins over TEMPLATE_CONTAINER; neither (or absent): no templates. */
   templates?: { dir?: string; container?: string };
 }
@@ -571,6 +574,7 @@ export function loadSendConfig(env: Env): SendConfig {
     allowedRecipientDomains: (reader.raw("ALLOWED_RECIPIENT_DOMAINS") ?? "").split(",").map((d) => d.trim().toLowerCase()).filter(Boolean),
     sendLedger: reader.oneOf<"true" | "false">("SEND_LEDGER") === "true",
     suppressionCheck: reader.oneOf<"true" | "false">("SUPPRESSION_CHECK") === "true",
+    suppressionRefreshSeconds: reader.integer("SUPPRESSION_REFRESH_SECONDS"),
     templates: templateSource(reader),
   };
   reader.throwIfProblems();

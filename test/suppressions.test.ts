@@ -9,7 +9,7 @@ import { readFileSync } from "node:fs";
 import { before, describe, it } from "node:test";
 import { LOCAL_MAILBOX } from "../cli/local/localStack.js";
 import { parseBounce, type BounceReport } from "../shared/bounces/parseBounce.js";
-import { bounceEventsOf, tableSuppressionList, type BounceEvent, type SuppressionList } from "../shared/bounces/suppressionList.js";
+import { bounceEventsOf, suppressionSnapshot, tableSuppressionList, type BounceEvent, type SuppressionList } from "../shared/bounces/suppressionList.js";
 import { loadStorageConfig, type StorageConfig } from "../shared/config.js";
 import { enqueueEmail } from "../shared/enqueueEmail.js";
 import { readDeliveryEvents } from "../shared/events/deliveryEvents.js";
@@ -129,6 +129,26 @@ describe("suppression list and the sender", () => {
     const addresses = Array.from({ length: 40 }, (_, i) => `nobody-${i}@example.test`);
     const found = await list.lookup([...addresses, "<josé@xn--exmple-cua.test>", "GHOST@fabrikam.test", "ghost@fabrikam.test"]);
     assert.deepEqual([...found.keys()].sort(), ["ghost@fabrikam.test", "josé@xn--exmple-cua.test"]);
+  });
+
+  it("the sender's snapshot: one list read for many checks; a new entry counts from the next refresh", { timeout: 20_000 }, async () => {
+    const table = tableSuppressionList(storage, capturingLogger());
+    let reads = 0;
+    const counted: SuppressionList = { ...table, list: async () => (reads++, table.list()) };
+    let clock = 1_000_000;
+    const snapshot = suppressionSnapshot(counted, 60_000, capturingLogger(), () => clock);
+    await table.add("snap-old@example.test", "test");
+    const checks = await Promise.all(Array.from({ length: 20 }, (_, i) => snapshot.lookup([`Snap-Old@Example.test`, `fresh-${i}@example.test`])));
+    assert.ok(checks.every((found) => [...found.keys()].join() === "snap-old@example.test"));
+    assert.equal(reads, 1, "20 concurrent checks share one read of the list");
+    await table.add("snap-new@example.test", "test");
+    clock += 59_000;
+    assert.equal(await snapshot.isSuppressed("snap-new@example.test"), false, "not before the refresh");
+    clock += 2_000;
+    assert.equal(await snapshot.isSuppressed("snap-new@example.test"), true, "after the refresh");
+    assert.equal(reads, 2);
+    await table.remove("snap-old@example.test");
+    await table.remove("snap-new@example.test");
   });
 
   it("the ledger turns a bounce's Message-ID back into our message id", { timeout: 30_000 }, async () => {

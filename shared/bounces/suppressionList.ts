@@ -308,3 +308,49 @@ export function tableSuppressionList(storage: StorageConfig, logger: Logger, opt
     },
   };
 }
+
+/**
+ * The sender's view of the list: the whole list read at most every `refreshMs` and kept in memory,
+ * so a message's check costs no storage request. A point read per recipient per message was the
+ * largest storage cost of a send after the queue itself (measured in `npm run bench`), and the list
+ * changes rarely: by a bounce watch pass (every few minutes) or by hand. A new entry therefore
+ * reaches a running sender within `refreshMs` (SUPPRESSION_REFRESH_SECONDS). Writes go straight
+ * through to the table. A failed refresh keeps the last snapshot (logged) until the next try; with
+ * no snapshot yet, the check fails and the message is retried.
+ */
+export function suppressionSnapshot(list: SuppressionList, refreshMs: number, logger: Logger, now: () => number = Date.now): SuppressionList {
+  let snapshot: { byAddress: Map<string, Suppression>; readAt: number } | undefined;
+  let refreshing: Promise<Map<string, Suppression>> | undefined;
+  async function current(): Promise<Map<string, Suppression>> {
+    if (snapshot && now() - snapshot.readAt < refreshMs) return snapshot.byAddress;
+    refreshing ??= list
+      .list()
+      .then((entries) => {
+        snapshot = { byAddress: new Map(entries.map((e) => [e.address, e])), readAt: now() };
+        return snapshot.byAddress;
+      })
+      .catch((error: unknown) => {
+        if (!snapshot) throw error;
+        logger.log("warn", "suppressions.refresh_failed", { error: (error as Error).message?.split("\n")[0], entries: snapshot.byAddress.size, note: "checking against the last list read; trying again at the next send" });
+        return snapshot.byAddress;
+      })
+      .finally(() => (refreshing = undefined));
+    return refreshing;
+  }
+  return {
+    ...list,
+    async lookup(addresses) {
+      const byAddress = await current();
+      const found = new Map<string, Suppression>();
+      for (const address of addresses) {
+        const key = normalizeAddress(address);
+        const entry = byAddress.get(key);
+        if (entry !== undefined) found.set(key, entry);
+      }
+      return found;
+    },
+    async isSuppressed(address) {
+      return (await current()).has(normalizeAddress(address));
+    },
+  };
+}

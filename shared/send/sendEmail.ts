@@ -2,7 +2,7 @@
 // budget → rate limit → transport.send → ledger. The sender wires credential → token → transport
 // once per process; everything is created on first use (no network in module scope).
 import type { SendConfig } from "../config.js";
-import { normalizeAddress, tableSuppressionList, type Suppression, type SuppressionList } from "../bounces/suppressionList.js";
+import { normalizeAddress, suppressionSnapshot, tableSuppressionList, type Suppression, type SuppressionList } from "../bounces/suppressionList.js";
 import { credentialSourceFor } from "../auth/credentialSource.js";
 import { MailerError, toMailerError } from "../errors.js";
 import type { Logger } from "../log.js";
@@ -71,7 +71,7 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
   const mailbox = config.smtp.user;
   const pause = mailboxPause;
   const recipientBudget = parts.recipientBudget ?? tableDailyRecipientBudget(config.storage, mailbox, config.dailyRecipientLimit);
-  const suppressions = parts.suppressions === undefined ? (config.messages.suppressionCheck !== false ? tableSuppressionList(config.storage, logger) : null) : parts.suppressions;
+  const suppressions = parts.suppressions === undefined ? (config.messages.suppressionCheck !== false ? suppressionsToCheck(config, logger) : null) : parts.suppressions;
   // `limits.daily_recipients_reached` is logged once per exhaustion: not again before the room
   // that report named has freed.
   let dailyLimitQuietUntil = 0;
@@ -190,6 +190,13 @@ export function createSender(config: SendConfig, logger: Logger, parts: SenderPa
     },
     close: () => transport.close(),
   };
+}
+
+/** The suppression list as the sender reads it: in memory, read again every SUPPRESSION_REFRESH_SECONDS. */
+function suppressionsToCheck(config: SendConfig, logger: Logger): SuppressionList {
+  const table = tableSuppressionList(config.storage, logger);
+  const refreshSeconds = config.messages.suppressionRefreshSeconds ?? 60;
+  return refreshSeconds > 0 ? suppressionSnapshot(table, refreshSeconds * 1000, logger) : table;
 }
 
 /**
