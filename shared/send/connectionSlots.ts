@@ -14,7 +14,8 @@ export interface ConnectionLease {
 }
 
 export interface ConnectionSlots {
-  acquire(): Promise<ConnectionLease>;
+  /** Waits for a free slot; `signal` gives up waiting (rejects with its reason, nothing held). */
+  acquire(signal?: AbortSignal): Promise<ConnectionLease>;
 }
 
 export function tableConnectionSlots(
@@ -28,10 +29,11 @@ export function tableConnectionSlots(
   const getTable = lazy(() => openTable(storage, CONNECTION_TABLE));
   const partition = tableKey(mailbox.toLowerCase());
   return {
-    async acquire() {
+    async acquire(signal) {
       const client = await getTable();
       let slot: SlotRow;
       for (;;) {
+        signal?.throwIfAborted();
         const now = Date.now();
         const result = await claimSlot(client, partition, size, (row) => !row || row.at <= now, (row) => row.at, now + leaseMs);
         if ("claimed" in result) {
@@ -41,7 +43,13 @@ export function tableConnectionSlots(
         // A slot frees when its lease ends or, usually sooner, when its connection closes.
         await new Promise((resolve) => setTimeout(resolve, Math.max(20, Math.min(250, result.retryAt - Date.now())) + Math.random() * 50));
       }
-      return holdLease(client, slot, leaseMs, heartbeatMs);
+      const lease = holdLease(client, slot, leaseMs, heartbeatMs);
+      // Claimed just as the waiter gave up: hand the slot straight back.
+      if (signal?.aborted) {
+        lease.release();
+        throw signal.reason;
+      }
+      return lease;
     },
   };
 }
