@@ -26,33 +26,6 @@ export interface SmtpTransportStats {
 export { messageIdFor } from "./mailOptions.js";
 
 /**
- * Opens the TCP connection itself once a cross-instance connection slot is held, and frees the
- * slot when the connection closes (nodemailer then does STARTTLS and AUTH on it as usual).
- */
-function slotBoundSocket(slots: ConnectionSlots) {
-  return (options: { host?: string; port?: number }, callback: (error: Error | null, socketOptions?: { connection: Socket }) => void) => {
-    slots.acquire().then(
-      (lease) => {
-        let answered = false;
-        const socket = connect({ host: options.host ?? "localhost", port: options.port ?? 587 });
-        socket.once("close", () => lease.release());
-        socket.once("connect", () => {
-          answered = true;
-          callback(null, { connection: socket });
-        });
-        socket.once("error", (error) => {
-          if (answered) return; // from here on nodemailer owns the socket and its errors
-          answered = true;
-          lease.release();
-          callback(error);
-        });
-      },
-      (error: unknown) => callback(error as Error),
-    );
-  };
-}
-
-/**
  * The first address of the message that needs SMTPUTF8 (a non-ASCII local part), named by field
  * and index as validation names them in arrays.
  */
@@ -119,6 +92,9 @@ function attachmentStream(content: Buffer): Readable {
   return Readable.from(slices(), { objectMode: false });
 }
 
+/** How long a connection with nothing to send stays open (holding one of the mailbox's connection slots). */
+export const LANE_IDLE_MS = 1_000;
+
 export function createSmtpTransport(
   smtp: SmtpConfig,
   tokens: TokenProvider,
@@ -126,30 +102,140 @@ export function createSmtpTransport(
   options: { connectionSlots?: ConnectionSlots } = {},
 ): Transport & { stats: SmtpTransportStats } {
   const stats: SmtpTransportStats = { tokenProvisions: 0, tokenRenewals: 0 };
-  const transporter = nodemailer.createTransport({
-    pool: true,
-    host: smtp.host,
-    port: smtp.port,
-    secure: false,
-    requireTLS: true, // never send a token over a connection that did not upgrade
-    maxConnections: smtp.maxConnections,
-    maxMessages: Infinity,
-    connectionTimeout: 30_000,
-    greetingTimeout: 30_000,
-    socketTimeout: 60_000,
-    auth: { type: "OAuth2", user: smtp.user },
-    logger: false,
-    ...(options.connectionSlots ? { getSocket: slotBoundSocket(options.connectionSlots) } : {}),
-  });
-  transporter.set("oauth2_provision_cb", (_user: string, renew: boolean, callback: (error: Error | null, token?: string, expires?: number) => void) => {
-    stats.tokenProvisions += 1;
-    if (renew) stats.tokenRenewals += 1;
-    (renew ? tokens.renew() : tokens.getToken()).then(
-      (token) => callback(null, token.token, token.expiresAt.getTime()),
-      // nodemailer rewrites the code of the error it is given; carry ours alongside.
-      (error: unknown) => callback(Object.assign(new Error((error as Error).message), { mailerError: toMailerError(error) })),
+  // Connections are lanes: one per connection slot this instance holds (the mailbox's slots live
+  // in Table storage, shared by every instance), each a nodemailer pool of one connection. A send
+  // takes a free lane, or claims a slot for a new one, whichever comes first, so it never waits on a
+  // connection that is still waiting for a slot while another lane of ours is free (with one pool of
+  // N connections, nodemailer binds a queued message to the new connection it opens for it; two
+  // instances could then each wait for a slot the other holds with an idle connection). A lane
+  // with nothing to send for LANE_IDLE_MS closes and frees its slot for the other instances.
+  interface Lane {
+    transporter: ReturnType<typeof createLaneTransport>;
+    busy: boolean;
+    closed: boolean;
+    idleTimer?: NodeJS.Timeout;
+    sockets: Set<Socket>;
+    lease: { release(): void };
+  }
+  const lanes = new Set<Lane>();
+  const waiting: Array<{ resolve: (lane: Lane) => void; reject: (error: unknown) => void }> = [];
+  const claims = new Set<AbortController>();
+  let closedForGood = false;
+
+  function openLane(lease: { release(): void }): Lane {
+    const lane: Lane = { busy: false, closed: false, sockets: new Set(), lease, transporter: undefined as unknown as ReturnType<typeof createLaneTransport> };
+    lane.transporter = createLaneTransport(lane);
+    lanes.add(lane);
+    return lane;
+  }
+  function closeLane(lane: Lane): void {
+    if (lane.closed) return;
+    lane.closed = true;
+    clearTimeout(lane.idleTimer);
+    lanes.delete(lane);
+    lane.transporter.close();
+    // The slot is free once the socket is gone, not before: the server counts open connections.
+    if (lane.sockets.size === 0) lane.lease.release();
+  }
+  function handOver(lane: Lane): void {
+    const waiter = waiting.shift();
+    if (waiter) {
+      lane.busy = true;
+      waiter.resolve(lane);
+      return;
+    }
+    lane.busy = false;
+    lane.idleTimer = setTimeout(() => closeLane(lane), LANE_IDLE_MS);
+    lane.idleTimer.unref();
+    // Claims still waiting for a slot are for sends a lane has served since: give them up.
+    for (const claim of [...claims].slice(waiting.length)) claim.abort(new Error("not needed"));
+  }
+  function claimLane(): void {
+    const slots = options.connectionSlots;
+    if (!slots) {
+      handOver(openLane({ release() {} }));
+      return;
+    }
+    const claim = new AbortController();
+    claims.add(claim);
+    slots.acquire(claim.signal).then(
+      (lease) => {
+        claims.delete(claim);
+        if (closedForGood) return lease.release();
+        handOver(openLane(lease));
+      },
+      (error: unknown) => {
+        claims.delete(claim);
+        if (claim.signal.aborted) return;
+        // Storage failed: the send that asked for a lane fails (and is retried), not all of them.
+        waiting.shift()?.reject(error);
+      },
     );
-  });
+  }
+  function takeLane(): Promise<Lane> {
+    const free = [...lanes].find((lane) => !lane.busy);
+    if (free) {
+      clearTimeout(free.idleTimer);
+      free.busy = true;
+      return Promise.resolve(free);
+    }
+    const lane = new Promise<Lane>((resolve, reject) => waiting.push({ resolve, reject }));
+    if (lanes.size + claims.size < smtp.maxConnections && claims.size < waiting.length) claimLane();
+    return lane;
+  }
+  async function withLane<T>(use: (transporter: ReturnType<typeof createLaneTransport>) => Promise<T>): Promise<T> {
+    const lane = await takeLane();
+    try {
+      return await use(lane.transporter);
+    } finally {
+      if (!lane.closed) handOver(lane);
+    }
+  }
+  function createLaneTransport(lane: Lane) {
+    const transporter = nodemailer.createTransport({
+      pool: true,
+      host: smtp.host,
+      port: smtp.port,
+      secure: false,
+      requireTLS: true, // never send a token over a connection that did not upgrade
+      maxConnections: 1, // one slot, one connection
+      maxMessages: Infinity,
+      connectionTimeout: 30_000,
+      greetingTimeout: 30_000,
+      socketTimeout: 60_000,
+      auth: { type: "OAuth2", user: smtp.user },
+      logger: false,
+      // The socket is ours so that the slot is freed when it is really gone.
+      getSocket: (socketOptions: { host?: string; port?: number }, callback: (error: Error | null, result?: { connection: Socket }) => void) => {
+        let answered = false;
+        const socket = connect({ host: socketOptions.host ?? "localhost", port: socketOptions.port ?? 587 });
+        lane.sockets.add(socket);
+        socket.once("close", () => {
+          lane.sockets.delete(socket);
+          if (lane.closed && lane.sockets.size === 0) lane.lease.release();
+        });
+        socket.once("connect", () => {
+          answered = true;
+          callback(null, { connection: socket });
+        });
+        socket.once("error", (error) => {
+          if (answered) return; // from here on nodemailer owns the socket and its errors
+          answered = true;
+          callback(error);
+        });
+      },
+    });
+    transporter.set("oauth2_provision_cb", (_user: string, renew: boolean, callback: (error: Error | null, token?: string, expires?: number) => void) => {
+      stats.tokenProvisions += 1;
+      if (renew) stats.tokenRenewals += 1;
+      (renew ? tokens.renew() : tokens.getToken()).then(
+        (token) => callback(null, token.token, token.expiresAt.getTime()),
+        // nodemailer rewrites the code of the error it is given; carry ours alongside.
+        (error: unknown) => callback(Object.assign(new Error((error as Error).message), { mailerError: toMailerError(error) })),
+      );
+    });
+    return transporter;
+  }
 
   // Whether the server announces SMTPUTF8: asked once per transport, when a message first needs it.
   let smtpUtf8Announced: Promise<boolean> | undefined;
@@ -175,7 +261,7 @@ export function createSmtpTransport(
     }
     // Parsed mailboxes, never the strings the producer wrote: nodemailer gets nothing to re-parse,
     // so RCPT TO and the headers carry exactly the addresses validation accepted.
-    const info = await transporter.sendMail(mailOptionsFor(message, smtp.user, attachmentStream));
+    const info = await withLane((transporter) => transporter.sendMail(mailOptionsFor(message, smtp.user, attachmentStream)));
     const addresses = (list: unknown) => (list as Array<string | { address: string }>).map((a) => (typeof a === "string" ? a : a.address));
     // Some recipients refused while others took it: the message counts as sent, so the refusals
     // (a 4xx deferral too, which is not retried for one recipient alone) are logged with the reply.
@@ -212,13 +298,16 @@ export function createSmtpTransport(
     },
     async verify() {
       try {
-        await transporter.verify();
+        await withLane((transporter) => transporter.verify());
       } catch (error) {
         throw classifySmtpError(error);
       }
     },
     async close() {
-      transporter.close();
+      closedForGood = true;
+      for (const claim of claims) claim.abort(new Error("transport closed"));
+      for (const waiter of waiting.splice(0)) waiter.reject(new Error("the SMTP transport was closed"));
+      for (const lane of [...lanes]) closeLane(lane);
     },
   };
 }
