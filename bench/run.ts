@@ -12,24 +12,21 @@
 //   rawGraph  a keep-alive HTTPS loop to the same double: one token, 4 in flight, the same MIME
 //             (nodemailer's MailComposer, built per message) POSTed as base64 to sendMail.
 //   dailyLimit the worker with DAILY_RECIPIENT_LIMIT = L offered L + 20 one-recipient messages.
-import { spawn } from "node:child_process";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { Agent, request } from "node:https";
 import { cpus, totalmem } from "node:os";
 import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import nodemailer from "nodemailer";
 import MailComposer from "nodemailer/lib/mail-composer";
-import type { QueueClient } from "@azure/storage-queue";
 import { startLocalStack, LOCAL_MAILBOX, type LocalStack } from "../cli/local/localStack.js";
-import type { SmtpFaultAction } from "../cli/local/smtpSink.js";
 import { loadSendConfig, loadStorageConfig } from "../shared/config.js";
 import { credentialSourceFor } from "../shared/auth/credentialSource.js";
 import { silentLogger } from "../shared/log.js";
 import { encodeQueueText, openMailQueues } from "../shared/queue/mailQueue.js";
 import { TokenProvider } from "../shared/token/tokenProvider.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "../test/support/keyVaultDouble.js";
+import { fill, messageJson, rateCapFault, root, runWorker, sinkOf, type CapState } from "./support.js";
 
 const { values } = parseArgs({
   options: { messages: { type: "string", default: "5000" }, naive: { type: "string", default: "300" }, out: { type: "string", default: "bench/results/latest.json" } },
@@ -50,10 +47,6 @@ const TEMPLATE_MESSAGES = Math.min(N, 1000);
 const DAILY_LIMIT = 40;
 const DAILY_EXTRA = 20;
 const BATCH = 32;
-const root = fileURLToPath(new URL("..", import.meta.url));
-// `queue-mailer` from the TypeScript sources through tsx (absolute paths: any cwd). Not through the
-// bin, which runs dist/ whenever it exists: whatever was compiled last, since nothing here builds.
-const cli = ["--import", import.meta.resolve("tsx"), join(root, "cli", "main.ts")];
 const workDir = resolve(root, ".bench");
 const caDir = join(workDir, "ca");
 
@@ -61,109 +54,8 @@ const log = (line: string) => process.stderr.write(`${line}\n`);
 const seconds = (ms: number) => ms / 1000;
 const rate = (count: number, ms: number) => Math.round((count / seconds(ms)) * 10) / 10;
 
-function messageJson(i: number, extra: Record<string, unknown> = {}): string {
-  return JSON.stringify({ id: `bench-${i}-${Math.random().toString(36).slice(2)}`, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: `Thank you for order ${i}.\nTotal: 42.00`, ...extra });
-}
-
-async function fill(queue: QueueClient, count: number, make: (i: number) => string = messageJson): Promise<void> {
-  await queue.clearMessages();
-  for (let start = 0; start < count; start += 64) {
-    await Promise.all(Array.from({ length: Math.min(64, count - start) }, (_, k) => queue.sendMessage(encodeQueueText(make(start + k)))));
-  }
-}
-
-interface WorkerRun {
-  exitCode: number | null;
-  startedAt: number;
-  stoppedAt: number;
-  memoryAtStart: { rssBytes: number; peakRssBytes: number };
-  memoryAtStop: { rssBytes: number; peakRssBytes: number };
-  sent: number;
-  waited: number;
-}
-
-/** `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back. */
-function runWorker(env: Record<string, string>, args: string[], until?: Promise<unknown>): Promise<WorkerRun> {
-  const child = spawn(process.execPath, [...cli, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
-  let buffer = "";
-  const run: Partial<WorkerRun> = {};
-  // The last other lines (warnings, a crash's stack): what a run that never stopped cleanly said.
-  const recent: string[] = [];
-  child.stderr.on("data", (chunk: Buffer) => {
-    buffer += chunk.toString();
-    const lines = buffer.split("\n");
-    buffer = lines.pop() ?? "";
-    for (const line of lines) {
-      if (!line.includes('"worker.st')) {
-        recent.push(line);
-        if (recent.length > 30) recent.shift();
-        continue;
-      }
-      const record = JSON.parse(line) as { event: string; time: string; memory: WorkerRun["memoryAtStart"]; sent?: number; waited?: number };
-      if (record.event === "worker.started") {
-        run.startedAt = Date.parse(record.time);
-        run.memoryAtStart = record.memory;
-      } else if (record.event === "worker.stopped") {
-        run.stoppedAt = Date.parse(record.time);
-        run.memoryAtStop = record.memory;
-        run.sent = record.sent ?? 0;
-        run.waited = record.waited ?? 0;
-      }
-    }
-  });
-  void until?.then(() => child.kill("SIGTERM"));
-  return new Promise((resolveRun, reject) =>
-    child.on("exit", (code, signal) => {
-      if (run.startedAt === undefined || run.memoryAtStop === undefined) {
-        reject(new Error(`worker (${env["MAIL_QUEUE"]}, ${env["TRANSPORT"]}) exited (code ${code}, signal ${signal}) without logging worker.started and worker.stopped; its last lines:\n${[...recent, buffer].join("\n")}`));
-      } else {
-        resolveRun({ ...(run as WorkerRun), exitCode: code });
-      }
-    }),
-  );
-}
-
 function percentile(sorted: number[], p: number): number {
   return sorted.length === 0 ? 0 : (sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0);
-}
-
-interface SinkMessage {
-  receivedAt: number;
-  messageId: string;
-  enqueuedAt?: number;
-}
-
-/**
- * The token-checking SMTP sink of the local stack, seen through what the benchmark needs. It runs in
- * this process, so rawSmtp pays for the server here as well, like ours does.
- */
-function sinkOf(stack: LocalStack, capState: { current: { limit: number; windowMs: number; accepted: number[] } | undefined; throttled: number }) {
-  const messages: SinkMessage[] = [];
-  const listeners = new Set<(m: SinkMessage) => void>();
-  stack.smtp.onMessage((m) => {
-    const enqueuedAt = Number(m.headers["x-enqueued-at"]?.[0]);
-    const event: SinkMessage = { receivedAt: m.receivedAt.getTime(), messageId: m.headers["message-id"]?.[0] ?? "", ...(Number.isFinite(enqueuedAt) ? { enqueuedAt } : {}) };
-    messages.push(event);
-    stack.smtp.messages.length = 0; // keep this process's memory flat over long runs
-    for (const listener of [...listeners]) listener(event);
-  });
-  return {
-    port: stack.smtp.port,
-    messages,
-    onMessage(listener: (m: SinkMessage) => void) {
-      listeners.add(listener);
-      return () => listeners.delete(listener);
-    },
-    rateCap(limit: number, windowMs: number) {
-      capState.current = { limit, windowMs, accepted: [] };
-      capState.throttled = 0;
-    },
-    rateCapOff() {
-      capState.current = undefined;
-    },
-    stats: () => ({ connections: stack.smtp.stats.connections, auths: stack.smtp.stats.auths, throttled: capState.throttled }),
-    resetStats: () => stack.smtp.resetStats(),
-  };
 }
 
 /**
@@ -208,24 +100,13 @@ async function main(): Promise<void> {
   mkdirSync(workDir, { recursive: true });
   // The rate-cap phase turns this on: 432 4.3.2 once more than `limit` messages arrived within
   // the window, as Exchange does past 30 a minute.
-  const capState: Parameters<typeof sinkOf>[1] = { current: undefined, throttled: 0 };
+  const capState: CapState = { current: undefined, throttled: 0 };
   // transport "graph": one stack serves both; its env is for Graph, the SMTP rows override it.
   const stack: LocalStack = await startLocalStack({
     caDir,
     workDir,
     transport: "graph",
-    fault: ({ phase }): SmtpFaultAction | undefined => {
-      const cap = capState.current;
-      if (!cap || phase !== "mail") return undefined;
-      const now = Date.now();
-      cap.accepted = cap.accepted.filter((t) => t > now - cap.windowMs);
-      if (cap.accepted.length >= cap.limit) {
-        capState.throttled += 1;
-        return { reply: 432, message: "4.3.2 STOREDRV.ClientSubmit; sender submission rate limit exceeded" };
-      }
-      cap.accepted.push(now);
-      return undefined;
-    },
+    fault: rateCapFault(capState),
   });
   const sink = sinkOf(stack, capState);
   const graph = graphOf(stack);

@@ -145,9 +145,12 @@ describe("smtp sink", () => {
     assert.ok(message.file && existsSync(message.file), "the .eml exists");
     assert.match(message.file, new RegExp(`[/\\\\]${message.seq}-[^/\\\\<>]+\\.eml$`));
     assert.deepEqual(readFileSync(message.file), message.raw);
+    // authenticatedNow is 1 or 0 here, depending on whether the client's QUIT has been seen yet.
+    const { authenticatedNow, ...stats } = sink.stats;
+    assert.ok(authenticatedNow <= 1);
     assert.deepEqual(
-      { ...sink.stats },
-      { connections: 1, tlsUpgrades: 1, auths: 1, authFailures: 0, accepted: 1, rejected: 0 },
+      stats,
+      { connections: 1, tlsUpgrades: 1, auths: 1, authFailures: 0, accepted: 1, rejected: 0, maxAuthenticatedAtOnce: 1 },
     );
   });
 
@@ -289,6 +292,29 @@ describe("smtp sink", () => {
     assert.equal(rejected?.responseCode, 452);
     assert.match(rejected?.response ?? "", /^452 4\.5\.3 Too many recipients/);
     assert.equal(sink.messages.at(-1)?.rcptTo.length, 500);
+  });
+
+  test("counts authenticated connections open at once: 3 pooled clients give 3, and 0 once they close", async () => {
+    sink.resetStats();
+    // A pooled client keeps its connection open after the send: three of them hold three at once.
+    const clients = Array.from({ length: 3 }, () =>
+      createTransport({ pool: true, maxConnections: 1, host: sink.host, port: sink.port, secure: false, requireTLS: true, auth: { type: "OAuth2", user: USER, accessToken: TOKEN } }),
+    );
+    try {
+      await Promise.all(clients.map((client, i) => client.sendMail({ from: USER, to: "a@example.com", text: `parallel ${i}` })));
+      assert.equal(sink.stats.authenticatedNow, 3);
+      assert.equal(sink.stats.maxAuthenticatedAtOnce, 3);
+      // resetStats starts the most-at-once from the connections still open.
+      sink.resetStats();
+      assert.equal(sink.stats.maxAuthenticatedAtOnce, 3);
+    } finally {
+      for (const client of clients) client.close();
+    }
+    const deadline = Date.now() + 5_000;
+    while (sink.stats.authenticatedNow > 0 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.equal(sink.stats.authenticatedNow, 0);
+    assert.equal(sink.stats.maxAuthenticatedAtOnce, 3, "the most at once is kept after they close");
+    assert.equal(sink.stats.auths, 0, "counted since the reset");
   });
 
   test("waitForMessages rejects with a clear error on timeout", async () => {

@@ -99,6 +99,10 @@ export interface SmtpSinkStats {
   accepted: number;
   /** Refusals the sink chose (SendAs, recipient cap, faults incl. drops); not auth failures. */
   rejected: number;
+  /** Connections that authenticated and are still open. */
+  authenticatedNow: number;
+  /** The most authenticated connections open at once (Exchange allows 3 per mailbox). */
+  maxAuthenticatedAtOnce: number;
 }
 
 export interface SmtpSink {
@@ -122,6 +126,7 @@ const SEND_AS_DENIED =
 interface ConnectionState {
   connection: number;
   seq: number;
+  authenticated?: boolean;
 }
 
 function smtpError(responseCode: number, message: string): SMTPServerError {
@@ -129,7 +134,7 @@ function smtpError(responseCode: number, message: string): SMTPServerError {
 }
 
 function zeroStats(): SmtpSinkStats {
-  return { connections: 0, tlsUpgrades: 0, auths: 0, authFailures: 0, accepted: 0, rejected: 0 };
+  return { connections: 0, tlsUpgrades: 0, auths: 0, authFailures: 0, accepted: 0, rejected: 0, authenticatedNow: 0, maxAuthenticatedAtOnce: 0 };
 }
 
 /** Header section only; RFC 5322 unfolding (drop the line break, keep the whitespace), names lower-cased. */
@@ -280,6 +285,13 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
       stateOf(session);
       callback();
     },
+    onClose(session) {
+      const connection = state.get(session);
+      if (connection?.authenticated) {
+        connection.authenticated = false;
+        stats.authenticatedNow = Math.max(0, stats.authenticatedNow - 1);
+      }
+    },
     onSecure(_socket, _session, callback) {
       stats.tlsUpgrades++;
       callback();
@@ -298,6 +310,12 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
         (result) => {
           if (!result.ok) return fail(535, "5.7.3 Authentication unsuccessful");
           stats.auths++;
+          const connection = stateOf(session);
+          if (!connection.authenticated) {
+            connection.authenticated = true;
+            stats.authenticatedNow++;
+            stats.maxAuthenticatedAtOnce = Math.max(stats.maxAuthenticatedAtOnce, stats.authenticatedNow);
+          }
           callback(null, { user });
         },
         () => fail(454, "4.7.0 Temporary authentication failure"),
@@ -380,7 +398,8 @@ export async function startSmtpSink(options: SmtpSinkOptions): Promise<SmtpSink>
       });
     },
     resetStats() {
-      Object.assign(stats, zeroStats());
+      // Connections still open stay counted: the most at once starts from them.
+      Object.assign(stats, zeroStats(), { authenticatedNow: stats.authenticatedNow, maxAuthenticatedAtOnce: stats.authenticatedNow });
     },
     close() {
       return new Promise<void>((resolve) => {
