@@ -10,7 +10,8 @@ import { openTable, tableKey } from "../storage/storageClients.js";
 export const CONNECTION_TABLE = "smtpconnections";
 
 export interface ConnectionLease {
-  release(): void;
+  /** Resolves once the slot is free for others (the release is written). */
+  release(): Promise<void>;
 }
 
 export interface ConnectionSlots {
@@ -46,7 +47,7 @@ export function tableConnectionSlots(
       const lease = holdLease(client, slot, leaseMs, heartbeatMs);
       // Claimed just as the waiter gave up: hand the slot straight back.
       if (signal?.aborted) {
-        lease.release();
+        void lease.release();
         throw signal.reason;
       }
       return lease;

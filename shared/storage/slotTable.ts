@@ -59,7 +59,7 @@ export async function claimSlot(
  * previous one got, so a renewal and the release never race. A lost row (clock jump, manual edit)
  * is left alone: the lease runs out by itself.
  */
-export function holdLease(table: TableClient, claimed: SlotRow, leaseMs: number, heartbeatMs = leaseMs / 3): { release(): void } {
+export function holdLease(table: TableClient, claimed: SlotRow, leaseMs: number, heartbeatMs = leaseMs / 3): { release(): Promise<void> } {
   let row = claimed;
   let released = false;
   let writes: Promise<unknown> = Promise.resolve();
@@ -74,11 +74,14 @@ export function holdLease(table: TableClient, claimed: SlotRow, leaseMs: number,
   const heartbeat = setInterval(() => write(Date.now() + leaseMs), heartbeatMs);
   heartbeat.unref();
   return {
+    /** Resolves once the release is written (or failed: the lease then runs out by itself). */
     release() {
-      if (released) return;
-      released = true;
-      clearInterval(heartbeat);
-      write(0);
+      if (!released) {
+        released = true;
+        clearInterval(heartbeat);
+        write(0);
+      }
+      return writes.then(() => undefined);
     },
   };
 }

@@ -115,27 +115,39 @@ export function createSmtpTransport(
     closed: boolean;
     idleTimer?: NodeJS.Timeout;
     sockets: Set<Socket>;
-    lease: { release(): void };
+    lease: { release(): Promise<void> };
+    /** Resolves when the lane's socket is gone and its slot released. */
+    gone?: Promise<void>;
+    markGone?: () => void;
   }
   const lanes = new Set<Lane>();
   const waiting: Array<{ resolve: (lane: Lane) => void; reject: (error: unknown) => void }> = [];
   const claims = new Set<AbortController>();
   let closedForGood = false;
 
-  function openLane(lease: { release(): void }): Lane {
+  function openLane(lease: { release(): Promise<void> }): Lane {
     const lane: Lane = { busy: false, closed: false, sockets: new Set(), lease, transporter: undefined as unknown as ReturnType<typeof createLaneTransport> };
     lane.transporter = createLaneTransport(lane);
     lanes.add(lane);
     return lane;
   }
-  function closeLane(lane: Lane): void {
-    if (lane.closed) return;
+  const closing = new Set<Promise<void>>();
+  function closeLane(lane: Lane): Promise<void> {
+    if (lane.gone) return lane.gone;
+    const gone = new Promise<void>((resolve) => (lane.markGone = resolve));
+    lane.gone = gone;
+    closing.add(gone);
+    void gone.then(() => closing.delete(gone));
     lane.closed = true;
     clearTimeout(lane.idleTimer);
     lanes.delete(lane);
     lane.transporter.close();
     // The slot is free once the socket is gone, not before: the server counts open connections.
-    if (lane.sockets.size === 0) lane.lease.release();
+    if (lane.sockets.size === 0) releaseLane(lane);
+    return lane.gone;
+  }
+  function releaseLane(lane: Lane): void {
+    void lane.lease.release().then(() => lane.markGone?.());
   }
   function handOver(lane: Lane): void {
     const waiter = waiting.shift();
@@ -145,7 +157,7 @@ export function createSmtpTransport(
       return;
     }
     lane.busy = false;
-    lane.idleTimer = setTimeout(() => closeLane(lane), LANE_IDLE_MS);
+    lane.idleTimer = setTimeout(() => void closeLane(lane), LANE_IDLE_MS);
     lane.idleTimer.unref();
     // Claims still waiting for a slot are for sends a lane has served since: give them up.
     for (const claim of [...claims].slice(waiting.length)) claim.abort(new Error("not needed"));
@@ -153,7 +165,7 @@ export function createSmtpTransport(
   function claimLane(): void {
     const slots = options.connectionSlots;
     if (!slots) {
-      handOver(openLane({ release() {} }));
+      handOver(openLane({ release: async () => undefined }));
       return;
     }
     const claim = new AbortController();
@@ -161,7 +173,7 @@ export function createSmtpTransport(
     slots.acquire(claim.signal).then(
       (lease) => {
         claims.delete(claim);
-        if (closedForGood) return lease.release();
+        if (closedForGood) return void lease.release();
         handOver(openLane(lease));
       },
       (error: unknown) => {
@@ -212,7 +224,7 @@ export function createSmtpTransport(
         lane.sockets.add(socket);
         socket.once("close", () => {
           lane.sockets.delete(socket);
-          if (lane.closed && lane.sockets.size === 0) lane.lease.release();
+          if (lane.closed && lane.sockets.size === 0) releaseLane(lane);
         });
         socket.once("connect", () => {
           answered = true;
@@ -307,7 +319,10 @@ export function createSmtpTransport(
       closedForGood = true;
       for (const claim of claims) claim.abort(new Error("transport closed"));
       for (const waiter of waiting.splice(0)) waiter.reject(new Error("the SMTP transport was closed"));
-      for (const lane of [...lanes]) closeLane(lane);
+      // Wait (briefly) for the slots to be written free: a process that exits right after would
+      // otherwise leave them taken until their leases run out, and the next process would wait.
+      const gone = Promise.all([...[...lanes].map(closeLane), ...closing]);
+      await Promise.race([gone, new Promise((resolve) => setTimeout(resolve, 3_000).unref())]);
     },
   };
 }
