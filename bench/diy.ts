@@ -10,7 +10,8 @@
 //
 // Settings come from the environment (the worker's own: AzureWebJobsStorage, MAIL_QUEUE, SMTP_HOST,
 // SMTP_PORT, SMTP_USER, CERT_PATH, TENANT_ID, CLIENT_ID, ...); the CA from NODE_EXTRA_CA_CERTS.
-// It logs JSON lines `bench.started` / `bench.stopped` with times, like the worker's.
+// It logs the worker's JSON lines `worker.started` / `worker.stopped` (time, memory, sent), so the
+// benchmark reads both the same way.
 import { parseArgs } from "node:util";
 import nodemailer from "nodemailer";
 import { credentialSourceFor } from "../shared/auth/credentialSource.js";
@@ -25,6 +26,7 @@ const BATCH = Number(values.batch);
 const POOL = Number(values.pool);
 const config = loadSendConfig(process.env);
 const { queue } = await openMailQueues(config.storage, { create: false });
+const memory = () => ({ rssBytes: process.memoryUsage().rss, peakRssBytes: process.resourceUsage().maxRSS * 1024 });
 const say = (event: string, extra: Record<string, unknown> = {}) => process.stderr.write(`${JSON.stringify({ time: new Date().toISOString(), event, ...extra })}\n`);
 
 interface Plain {
@@ -37,11 +39,10 @@ const smtp = { host: config.smtp.host, port: config.smtp.port, requireTLS: true 
 const newToken = async () => (await new TokenProvider({ credential: credentialSourceFor(config.auth, silentLogger), logger: silentLogger }).getToken()).token;
 
 let sent = 0;
-if (process.env["BENCH_PROGRESS"]) setInterval(() => say("bench.progress", { sent }), 2000).unref();
 if (values.mode === "diy") {
   const accessToken = await newToken();
   const transport = nodemailer.createTransport({ ...smtp, pool: true, maxConnections: POOL, maxMessages: Infinity, auth: { type: "OAuth2", user: config.smtp.user, accessToken } });
-  say("bench.started");
+  say("worker.started", { memory: memory() });
   const inflight = new Set<Promise<void>>();
   for (;;) {
     if (inflight.size >= BATCH) {
@@ -56,17 +57,9 @@ if (values.mode === "diy") {
     }
     for (const item of receivedMessageItems) {
       const m = JSON.parse(decodeQueueText(item.messageText)) as Plain;
-      const t0 = Date.now();
-      let t1 = 0;
       const p: Promise<void> = transport
         .sendMail({ from: config.smtp.user, to: m.to, subject: m.subject, text: m.text, html: m.html })
-        .then(() => {
-          t1 = Date.now();
-          return queue.deleteMessage(item.messageId, item.popReceipt);
-        })
-        .then(() => {
-          if (process.env["BENCH_PROGRESS"] && Date.now() - t0 > 3000) say("bench.slow", { sendMs: t1 - t0, deleteMs: Date.now() - t1 });
-        })
+        .then(() => queue.deleteMessage(item.messageId, item.popReceipt))
         .then(() => {
           sent += 1;
         })
@@ -76,7 +69,7 @@ if (values.mode === "diy") {
   }
   transport.close();
 } else if (values.mode === "naive") {
-  say("bench.started");
+  say("worker.started", { memory: memory() });
   await Promise.all(
     Array.from({ length: POOL }, async () => {
       for (;;) {
@@ -95,5 +88,5 @@ if (values.mode === "diy") {
 } else {
   throw new Error(`--mode ${values.mode}: expected diy or naive`);
 }
-say("bench.stopped", { sent });
+say("worker.stopped", { sent, memory: memory() });
 process.exit(0);

@@ -6,7 +6,16 @@
 //             the Key Vault double, assertion, token, pooled XOAUTH2 SMTP, ledger; rate limit off.
 //   rawSmtp   nodemailer, same pool size, straight to the sink with one token.
 //   rawQueue  the same messages received and deleted from Azurite, no sending.
-//   naive     what people write by hand: per message a token request and a new transport.
+//   diy       what a user writes in a function (bench/diy.ts): receive a batch from the same queue,
+//             one pooled nodemailer transport and a token fetched once, delete after each send; no
+//             ledger, no limits. Measured at 2,000 and at N messages against ours on as many.
+//   naive     through the same queue: per message receive, a token request, a new transport, send,
+//             delete; 3 at once.
+//   storageRequestsPerMessage  every request ours (rate limit off, then on) and diy make to Azurite,
+//             counted by a proxy in front of it (bench/storageCounter.ts), by service and operation.
+//   latency   enqueue → 250 at 20 msg/s, then the first message after 30 s idle.
+//   scaleOut  3 worker processes on one queue and one mailbox (bench/scaleOut.ts): the cap scaled
+//             down to 20 per 4 s and 3 SMTP connections per mailbox across all of them.
 //   oursGraph the same worker with TRANSPORT=graph: the MIME it builds, POSTed to the Graph double's
 //             sendMail, at most 4 in flight per mailbox (slots in Table storage); rate limit off.
 //   rawGraph  a keep-alive HTTPS loop to the same double: one token, 4 in flight, the same MIME
@@ -26,10 +35,20 @@ import { silentLogger } from "../shared/log.js";
 import { encodeQueueText, openMailQueues } from "../shared/queue/mailQueue.js";
 import { TokenProvider } from "../shared/token/tokenProvider.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "../test/support/keyVaultDouble.js";
-import { fill, messageJson, rateCapFault, root, runWorker, sinkOf, type CapState } from "./support.js";
+import { runScaleOut } from "./scaleOut.js";
+import { startStorageCounter } from "./storageCounter.js";
+import { diyCommand, fill, messageJson, rateCapFault, root, runWorker, sinkOf, type CapState } from "./support.js";
 
 const { values } = parseArgs({
-  options: { messages: { type: "string", default: "5000" }, naive: { type: "string", default: "300" }, out: { type: "string", default: "bench/results/latest.json" } },
+  options: {
+    messages: { type: "string", default: "5000" },
+    naive: { type: "string", default: "300" },
+    out: { type: "string", default: "bench/results/latest.json" },
+    // Smaller for the suite's quick run (test/bench.test.ts); the defaults are what the README reports.
+    "idle-seconds": { type: "string", default: "30" },
+    "idle-probes": { type: "string", default: "2" },
+    "scale-out-messages": { type: "string", default: "100" },
+  },
   strict: true,
 });
 const N = Number(values.messages);
@@ -47,6 +66,16 @@ const TEMPLATE_MESSAGES = Math.min(N, 1000);
 const DAILY_LIMIT = 40;
 const DAILY_EXTRA = 20;
 const BATCH = 32;
+/** ours vs diy also at this size (and at N). */
+const DIY_SMALL = 2000;
+/** Messages counted through the storage proxy, per contender. */
+const STORAGE_MESSAGES = Math.min(N, 500);
+/** Latency: messages at a steady rate, then probes after idle. */
+const LATENCY_MESSAGES = 200;
+const LATENCY_RATE = 20;
+const IDLE_SECONDS = Number(values["idle-seconds"]);
+const IDLE_PROBES = Math.max(1, Number(values["idle-probes"]));
+const SCALE_OUT = { workers: 3, messages: Number(values["scale-out-messages"]) };
 const workDir = resolve(root, ".bench");
 const caDir = join(workDir, "ca");
 
@@ -192,6 +221,24 @@ async function main(): Promise<void> {
       waited: dailyRun.waited,
       transport: "graph",
     };
+    // diy and ours on the same number of messages, diy first: at DIY_SMALL, then ours at N and diy
+    // at N (ABBA over the two sizes). The time is from the process's start line to the last 250.
+    const timed = async (queueName: string, count: number, env: Record<string, string>, command?: string[]) => {
+      const q = await openMailQueues(storageFor(queueName));
+      await fill(q.queue, count);
+      const from = sink.messages.length;
+      const run = await runWorker({ ...env, MAIL_QUEUE: queueName }, command ? [] : ["--drain"], undefined, command);
+      const arrived = sink.messages.slice(from);
+      const ms = Math.max(...arrived.map((m) => m.receivedAt)) - run.startedAt;
+      return { messagesPerSecond: rate(arrived.length, ms), messages: arrived.length, seconds: seconds(ms) };
+    };
+    const diyAt: Record<string, { messagesPerSecond: number; messages: number; seconds: number }> = {};
+    const oursAt: Record<string, { messagesPerSecond: number; messages: number; seconds: number }> = {};
+    if (N > DIY_SMALL) {
+      log(`diy, then ours: ${DIY_SMALL} messages each…`);
+      diyAt[DIY_SMALL] = await timed("bench-diy-small", DIY_SMALL, base, diyCommand("diy"));
+      oursAt[DIY_SMALL] = await timed("bench-ours-small", DIY_SMALL, base);
+    }
     log(`ours: ${N} messages…`);
     await fill(ours.queue, N);
     stack.oauth.resetStats();
@@ -213,33 +260,41 @@ async function main(): Promise<void> {
       smtpAuths: sinkStats.auths,
     };
 
-    // naive: per message a token request and a new transport (POOL at a time: the mailbox cap).
+    oursAt[N] = { messagesPerSecond: rate(delivered.length, oursMs), messages: delivered.length, seconds: seconds(oursMs) };
+    log(`diy: ${N} messages…`);
+    diyAt[N] = await timed("bench-diy", N, base, diyCommand("diy"));
+
+    // naive, through the same queue: per message receive one, a token request, a new transport,
+    // send, delete; POOL such loops at once (the mailbox cap). The certificate from a file (a Key
+    // Vault read per message would only make it slower).
     log(`naive: ${NAIVE} messages…`);
     stack.oauth.resetStats();
-    let naiveMs: number;
-    {
-      const began = Date.now();
-      let next = 0;
-      await Promise.all(
-        Array.from({ length: POOL }, async () => {
-          while (next < NAIVE) {
-            const i = next++;
-            const fresh = new TokenProvider({ credential: credentialSourceFor(fileConfig.auth, silentLogger), logger: silentLogger });
-            const accessToken = (await fresh.getToken()).token;
-            const transport = nodemailer.createTransport({ host: "127.0.0.1", port: sink.port, requireTLS: true, tls: { ca }, auth: { type: "OAuth2", user: LOCAL_MAILBOX, accessToken } });
-            await transport.sendMail({ from: LOCAL_MAILBOX, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: "x" });
-            transport.close();
-          }
-        }),
-      );
-      naiveMs = Date.now() - began;
-    }
+    const naiveRun = await timed("bench-naive", NAIVE, { ...base, CERT_PATH: stack.env["CERT_PATH"] ?? "", KEY_VAULT_URL: "", CERT_NAME: "" }, diyCommand("naive"));
+    const naiveMs = naiveRun.seconds * 1000;
     const naiveTokenRequests = stack.oauth.stats.tokenRequests;
+
+    // Storage requests per message, counted by a proxy in front of Azurite: ours with the rate
+    // limit off, ours with it on (the rate-cap run below) and diy, each on the same messages.
+    const counter = await startStorageCounter(stack.azurite.ports);
+    const viaCounter = { AzureWebJobsStorage: counter.connectionString };
+    const perMessage = (counts: Record<string, number>, messages: number) => {
+      const out: Record<string, number> = {};
+      for (const [key, value] of Object.entries(counts).sort()) out[key] = Math.round((value / messages) * 1000) / 1000;
+      const total = Object.entries(counts).filter(([key]) => key !== "table.batchOperations").reduce((sum, [, value]) => sum + value, 0);
+      return { messages, total: Math.round((total / messages) * 1000) / 1000, per10000Messages: Math.round((total / messages) * 10_000), byOperation: out };
+    };
+    log(`storage requests: ours and diy, ${STORAGE_MESSAGES} messages each, through a counting proxy…`);
+    counter.reset();
+    await timed("bench-storage-ours", STORAGE_MESSAGES, { ...base, ...viaCounter });
+    const storageOursRateOff = perMessage(counter.counts(), STORAGE_MESSAGES);
+    counter.reset();
+    await timed("bench-storage-diy", STORAGE_MESSAGES, { ...base, ...viaCounter }, diyCommand("diy"));
+    const storageDiy = perMessage(counter.counts(), STORAGE_MESSAGES);
 
     // Latency from enqueue to 250, with the worker running and messages arriving at a steady
     // rate well below its capacity (as a transactional sender sees them).
-    const latencyCount = Math.min(1000, N);
-    const latencyRate = Math.max(20, Math.min(200, Math.round(rate(N, oursMs) / 2)));
+    const latencyCount = Math.min(LATENCY_MESSAGES, N);
+    const latencyRate = LATENCY_RATE;
     log(`latency: ${latencyCount} messages at ${latencyRate}/s…`);
     const latencyQueue = await openMailQueues(storageFor("bench-latency"));
     await latencyQueue.queue.clearMessages();
@@ -254,7 +309,9 @@ async function main(): Promise<void> {
         }
       });
     });
-    const latencyWorker = runWorker({ ...base, MAIL_QUEUE: "bench-latency" }, [], allArrived);
+    let stopLatencyWorker = () => {};
+    const latencyDone = new Promise<void>((r) => (stopLatencyWorker = r));
+    const latencyWorker = runWorker({ ...base, MAIL_QUEUE: "bench-latency" }, [], latencyDone);
     await new Promise((r) => setTimeout(r, 2_000)); // let it start and take its token
     for (let i = 0; i < latencyCount; i++) {
       const due = Date.now() + 1000 / latencyRate;
@@ -262,6 +319,23 @@ async function main(): Promise<void> {
       await new Promise((r) => setTimeout(r, Math.max(0, due - Date.now())));
     }
     await allArrived;
+    // Then nothing for IDLE_SECONDS (the worker's polls back off to their longest interval; pooled
+    // connections close), and one message: what a user waits for a password reset at a quiet hour.
+    log(`latency after ${IDLE_SECONDS} s idle: ${IDLE_PROBES} message(s)…`);
+    const afterIdle: number[] = [];
+    for (let probe = 0; probe < IDLE_PROBES; probe++) {
+      await new Promise((r) => setTimeout(r, IDLE_SECONDS * 1000));
+      const arrived = new Promise<number>((resolveArrived) => {
+        const stop = sink.onMessage((m) => {
+          if (m.enqueuedAt === undefined) return;
+          stop();
+          resolveArrived(m.receivedAt - m.enqueuedAt);
+        });
+      });
+      await latencyQueue.queue.sendMessage(encodeQueueText(messageJson(latencyCount + probe, { headers: { "X-Enqueued-At": String(Date.now()) } })));
+      afterIdle.push(await arrived);
+    }
+    stopLatencyWorker();
     await latencyWorker;
     latencies.sort((a, b) => a - b);
 
@@ -272,12 +346,20 @@ async function main(): Promise<void> {
     await fill(capQueue.queue, cap.messages);
     sink.rateCap(cap.limit, cap.windowSeconds * 1000);
     const capBefore = sink.messages.length;
-    await runWorker({ ...base, MAIL_QUEUE: "bench-ratecap", SEND_RATE_PER_MINUTE: String(cap.limit), SEND_RATE_WINDOW_SECONDS: String(cap.windowSeconds), RETRY_BASE_SECONDS: "1" }, ["--drain"]);
+    counter.reset();
+    await runWorker({ ...base, ...viaCounter, MAIL_QUEUE: "bench-ratecap", SEND_RATE_PER_MINUTE: String(cap.limit), SEND_RATE_WINDOW_SECONDS: String(cap.windowSeconds), RETRY_BASE_SECONDS: "1" }, ["--drain"]);
     const capTimes = sink.messages.slice(capBefore).map((m) => m.receivedAt).sort((a, b) => a - b);
+    const storageOursRateOn = perMessage(counter.counts(), capTimes.length);
+    await counter.close();
     const idealMs = (Math.ceil(cap.messages / cap.limit) - 1) * cap.windowSeconds * 1000;
     const actualMs = (capTimes.at(-1) ?? 0) - (capTimes[0] ?? 0);
     const throttled = sink.stats().throttled;
     sink.rateCapOff();
+
+    // Scale-out: 3 worker processes on one queue and one mailbox, the cap scaled down as above,
+    // SMTP_MAX_CONNECTIONS per mailbox across all of them.
+    log(`scale-out: ${SCALE_OUT.workers} workers, ${SCALE_OUT.messages} messages, ${cap.limit} per ${cap.windowSeconds} s, ${POOL} connections per mailbox…`);
+    const scaleOut = await runScaleOut({ env: base, sink, workers: SCALE_OUT.workers, messages: SCALE_OUT.messages, limit: cap.limit, windowSeconds: cap.windowSeconds, maxConnections: POOL, log });
 
     // rawGraph: one Graph token, GRAPH_IN_FLIGHT loops over one keep-alive connection each.
     log(`rawGraph: ${GRAPH_MESSAGES} messages…`);
@@ -394,6 +476,10 @@ async function main(): Promise<void> {
       rateCap: { limit: cap.limit, windowSeconds: cap.windowSeconds, messages: capTimes.length, shareOfAllowed, throttlingReplies: throttled },
       graph: graphStats,
       dailyLimit,
+      diy: Object.fromEntries(Object.keys(diyAt).map((size) => [size, { diy: diyAt[size], ours: oursAt[size], oursVsDiy: Math.round(((oursAt[size]?.messagesPerSecond ?? 0) / (diyAt[size]?.messagesPerSecond ?? 1)) * 100) / 100 }])),
+      storageRequestsPerMessage: { oursRateLimitOff: storageOursRateOff, oursRateLimitOn: storageOursRateOn, diy: storageDiy },
+      latencyAfterIdleMs: { idleSeconds: IDLE_SECONDS, probes: afterIdle, max: Math.max(...afterIdle) },
+      scaleOut,
     });
     results["targets"] = {
       oursAtLeast80PercentOfMinRaw: oursRate >= 0.8 * Math.min(rawSmtp, rawQueue),
@@ -407,6 +493,13 @@ async function main(): Promise<void> {
       graphWithinMailboxConcurrency: graphStats.maxInFlight <= GRAPH_IN_FLIGHT && graphStats.throttled === 0,
       templatesWithin10Percent: templateRate >= 0.9 * plainRate,
       dailyLimitHolds: dailyLimit.delivered === DAILY_LIMIT && dailyLimit.poisoned === 0 && dailyLimit.stillQueued === DAILY_EXTRA,
+      oursAtLeast80PercentOfDiy: Object.keys(diyAt).every((size) => (oursAt[size]?.messagesPerSecond ?? 0) >= 0.8 * (diyAt[size]?.messagesPerSecond ?? Infinity)),
+      latencyP95Within500ms: percentile(latencies, 95) <= 500,
+      latencyAfterIdleWithin2500ms: Math.max(...afterIdle) <= 2500,
+      scaleOutAtLeast95Percent: scaleOut.shareOfAllowed >= 0.95,
+      scaleOutNoThrottling: scaleOut.throttlingReplies === 0,
+      scaleOutWithinConnections: scaleOut.maxAuthenticatedAtOnce <= POOL,
+      scaleOutEveryMessageOnce: scaleOut.delivered === scaleOut.messages && scaleOut.duplicates === 0,
     };
   } finally {
     await kv.close();
@@ -432,7 +525,12 @@ export function renderTable(r: Record<string, unknown>): string {
     graph: { requests: number; maxInFlight: number; throttled: number; tokenRequests: number };
     dailyLimit: { limit: number; offered: number; delivered: number; stillQueued: number; poisoned: number };
     targets: Record<string, boolean>;
+    diy: Record<string, { diy: { messagesPerSecond: number; messages: number }; ours: { messagesPerSecond: number; messages: number }; oursVsDiy: number }>;
+    storageRequestsPerMessage: Record<"oursRateLimitOff" | "oursRateLimitOn" | "diy", { messages: number; total: number; per10000Messages: number; byOperation: Record<string, number> }>;
+    latencyAfterIdleMs: { idleSeconds: number; probes: number[]; max: number };
+    scaleOut: { workers: number; messages: number; delivered: number; duplicates: number; limit: number; windowSeconds: number; maxConnections: number; shareOfAllowed: number; throttlingReplies: number; maxAuthenticatedAtOnce: number };
   };
+  const ops = (row: { byOperation: Record<string, number> }) => Object.entries(row.byOperation).filter(([key]) => key !== "table.batchOperations").map(([key, value]) => `${key} ${value}`).join(", ");
   const mb = (b: number) => `${Math.round(b / 1048576)} MB`;
   const ok = (b: boolean | undefined) => (b ? "met" : "NOT met");
   return [
@@ -441,15 +539,22 @@ export function renderTable(r: Record<string, unknown>): string {
     `| ours (worker, Key Vault cert, token, pooled XOAUTH2, ledger) | ${x.rates.ours.messagesPerSecond} msg/s over ${x.rates.ours.messages} | ≥ 0.8 × min(raw): ${x.ratios.oursVsMinRaw} × (${ok(x.targets["oursAtLeast80PercentOfMinRaw"])}) |`,
     `| raw SMTP (nodemailer, pool ${3}) | ${x.rates.rawSmtp.messagesPerSecond} msg/s | |`,
     `| raw queue (receive + delete) | ${x.rates.rawQueue.messagesPerSecond} msg/s | |`,
-    `| naive (token + transport per message) | ${x.rates.naive.messagesPerSecond} msg/s over ${x.rates.naive.messages} | ours ≥ 10×: ${x.ratios.oursVsNaive}× (${ok(x.targets["tenTimesNaive"])}) |`,
+    ...Object.entries(x.diy).map(([size, row]) => `| diy (receive, pooled nodemailer, cached token, delete; no ledger, no limits) vs ours at ${size} | diy ${row.diy.messagesPerSecond}, ours ${row.ours.messagesPerSecond} msg/s | ours ≥ 0.8 × diy: ${row.oursVsDiy} × (${ok(row.oursVsDiy >= 0.8)}) |`),
+    `| naive through the queue (receive, token + transport per message, delete; 3 at once) | ${x.rates.naive.messagesPerSecond} msg/s over ${x.rates.naive.messages} | ours ≥ 10×: ${x.ratios.oursVsNaive}× (${ok(x.targets["tenTimesNaive"])}) |`,
+    `| storage requests per message, ours, rate limit off | ${x.storageRequestsPerMessage.oursRateLimitOff.total} (${x.storageRequestsPerMessage.oursRateLimitOff.per10000Messages} per 10,000): ${ops(x.storageRequestsPerMessage.oursRateLimitOff)} | |`,
+    `| storage requests per message, ours, rate limit on (${x.rateCap.limit} per ${x.rateCap.windowSeconds} s) | ${x.storageRequestsPerMessage.oursRateLimitOn.total} (${x.storageRequestsPerMessage.oursRateLimitOn.per10000Messages} per 10,000): ${ops(x.storageRequestsPerMessage.oursRateLimitOn)} | |`,
+    `| storage requests per message, diy | ${x.storageRequestsPerMessage.diy.total} (${x.storageRequestsPerMessage.diy.per10000Messages} per 10,000): ${ops(x.storageRequestsPerMessage.diy)} | |`,
     `| token requests per ${x.counts.messages} messages | ${x.counts.tokenRequests} | 1 (${ok(x.targets["oneTokenRequest"])}) |`,
     `| Key Vault reads (certificate + key) | ${x.counts.keyVaultRequests} | ≤ 2 (${ok(x.targets["atMostTwoKeyVaultReads"])}) |`,
     `| SMTP connections / AUTHs | ${x.counts.smtpConnections} / ${x.counts.smtpAuths} | |`,
-    `| latency enqueue → 250 at ${x.latencyMs.ratePerSecond} msg/s (p50 / p95 / p99) | ${x.latencyMs.p50} / ${x.latencyMs.p95} / ${x.latencyMs.p99} ms | |`,
+    `| latency enqueue → 250 at ${x.latencyMs.ratePerSecond} msg/s (p50 / p95 / p99) | ${x.latencyMs.p50} / ${x.latencyMs.p95} / ${x.latencyMs.p99} ms | p95 ≤ 500 ms (${ok(x.targets["latencyP95Within500ms"])}) |`,
+    `| latency of the first message after ${x.latencyAfterIdleMs.idleSeconds} s idle | ${x.latencyAfterIdleMs.probes.join(" / ")} ms | ≤ 2,500 ms (${ok(x.targets["latencyAfterIdleWithin2500ms"])}) |`,
     `| worker RSS before → after ${x.counts.messages} (peak) | ${mb(x.memory.rssBeforeBytes)} → ${mb(x.memory.rssAfterNBytes)} (${mb(x.memory.peakRssBytes)}) | |`,
     `| RSS after ${x.messages} vs after 500 | ${mb(x.memory.rssAfterNBytes)} vs ${mb(x.memory.rssAfter500Bytes)} (${Math.round(x.memory.growthFrom500ToN * 100)} %) | within 20 % (${ok(x.targets["rssGrowthWithin20Percent"])}) |`,
     `| rate cap ${x.rateCap.limit} per ${x.rateCap.windowSeconds} s: share of allowed rate | ${Math.round(x.rateCap.shareOfAllowed * 1000) / 10} % | ≥ 95 % (${ok(x.targets["rateCapAtLeast95Percent"])}) |`,
     `| throttling replies (432) caused | ${x.rateCap.throttlingReplies} | 0 (${ok(x.targets["noThrottlingReplies"])}) |`,
+    `| scale-out: ${x.scaleOut.workers} workers, one mailbox, ${x.scaleOut.limit} per ${x.scaleOut.windowSeconds} s: share of allowed rate | ${Math.round(x.scaleOut.shareOfAllowed * 1000) / 10} % (${x.scaleOut.delivered} of ${x.scaleOut.messages} delivered, ${x.scaleOut.duplicates} twice) | ≥ 95 % (${ok(x.targets["scaleOutAtLeast95Percent"])}) |`,
+    `| scale-out: throttling replies / most authenticated SMTP connections at once | ${x.scaleOut.throttlingReplies} / ${x.scaleOut.maxAuthenticatedAtOnce} | 0 / ≤ ${x.scaleOut.maxConnections} (${ok(x.targets["scaleOutNoThrottling"] && x.targets["scaleOutWithinConnections"])}) |`,
     `| ours over Graph (worker, Key Vault cert, token, sendMail, ledger) | ${x.rates.oursGraph.messagesPerSecond} msg/s over ${x.rates.oursGraph.messages} | ≥ 0.8 × raw Graph: ${x.ratios.oursGraphVsRawGraph} × (${ok(x.targets["graphAtLeast80PercentOfRaw"])}) |`,
     `| raw Graph (keep-alive HTTPS, ${GRAPH_IN_FLIGHT} in flight, one token) | ${x.rates.rawGraph.messagesPerSecond} msg/s over ${x.rates.rawGraph.messages} | |`,
     `| Graph requests / most in flight / 429s / token requests (ours) | ${x.graph.requests} / ${x.graph.maxInFlight} / ${x.graph.throttled} / ${x.graph.tokenRequests} | ≤ ${GRAPH_IN_FLIGHT} in flight, no 429 (${ok(x.targets["graphWithinMailboxConcurrency"])}) |`,

@@ -12,6 +12,8 @@ export const root = fileURLToPath(new URL("..", import.meta.url));
 // `queue-mailer` from the TypeScript sources through tsx (absolute paths: any cwd). Not through the
 // bin, which runs dist/ whenever it exists: whatever was compiled last, since nothing here builds.
 export const cli = ["--import", import.meta.resolve("tsx"), join(root, "cli", "main.ts")];
+/** The hand-written contenders (bench/diy.ts --mode diy|naive), run like the worker. */
+export const diyCommand = (mode: "diy" | "naive") => ["--import", import.meta.resolve("tsx"), join(root, "bench", "diy.ts"), "--mode", mode];
 
 export function messageJson(i: number, extra: Record<string, unknown> = {}): string {
   return JSON.stringify({ id: `bench-${i}-${Math.random().toString(36).slice(2)}`, to: `user${i}@example.test`, subject: `Receipt ${i}`, text: `Thank you for order ${i}.\nTotal: 42.00`, ...extra });
@@ -41,9 +43,12 @@ export interface WorkerRun {
 /** After `until`, how long a worker gets to finish its sends in flight before it is killed. */
 const KILL_AFTER_MS = 15_000;
 
-/** `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back. */
-export function runWorker(env: Record<string, string>, args: string[], until?: Promise<unknown>): Promise<WorkerRun> {
-  const child = spawn(process.execPath, [...cli, "worker", ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
+/**
+ * `queue-mailer worker` as users run it, in its own process; its JSON log lines are read back.
+ * `command`: another contender that logs the same worker.started / worker.stopped lines (bench/diy.ts).
+ */
+export function runWorker(env: Record<string, string>, args: string[], until?: Promise<unknown>, command: string[] = [...cli, "worker"]): Promise<WorkerRun> {
+  const child = spawn(process.execPath, [...command, ...args], { env: { PATH: process.env["PATH"] ?? "", ...env }, stdio: ["ignore", "ignore", "pipe"] });
   let buffer = "";
   const run: Partial<WorkerRun> = {};
   // The last other lines (warnings, a crash's stack): what a run that never stopped cleanly said.

@@ -19,7 +19,7 @@ it("npm run bench (small): one token, two Key Vault reads, a naive token per mes
     const code = await new Promise<number | null>((resolve, reject) => {
       // detached: its own process group, so that a hung run is killed together with what it
       // started (Azurite, the worker); killing only bench/run.ts would leave those running.
-      const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", "--messages", "60", "--naive", "6", "--out", out], { cwd: root, stdio: ["ignore", "ignore", "inherit"], detached: true });
+      const child = spawn(process.execPath, ["--import", "tsx", "bench/run.ts", "--messages", "60", "--naive", "6", "--idle-seconds", "3", "--idle-probes", "1", "--scale-out-messages", "41", "--out", out], { cwd: root, stdio: ["ignore", "ignore", "inherit"], detached: true });
       const killAll = () => {
         try {
           if (child.pid !== undefined) process.kill(-child.pid, "SIGKILL");
@@ -58,6 +58,21 @@ it("npm run bench (small): one token, two Key Vault reads, a naive token per mes
     assert.match(r.node, /^v\d+/);
     assert.ok(r.machine.cpus > 0);
     assert.equal(typeof r.targets.oneTokenRequest, "boolean");
+    // diy at N through the same queue; storage requests counted by operation; latency after idle;
+    // scale-out: every message once, never more connections than the mailbox allows, no 432.
+    assert.equal(r.diy["60"].diy.messages, 60);
+    assert.equal(r.diy["60"].ours.messages, 60);
+    assert.ok(r.diy["60"].oursVsDiy > 0);
+    assert.equal(r.storageRequestsPerMessage.oursRateLimitOff.messages, 60);
+    assert.ok(r.storageRequestsPerMessage.oursRateLimitOff.byOperation["queue.delete"] >= 1, "a delete per message");
+    assert.ok(r.storageRequestsPerMessage.diy.total >= 1 && r.storageRequestsPerMessage.diy.total < r.storageRequestsPerMessage.oursRateLimitOff.total);
+    assert.ok(r.storageRequestsPerMessage.oursRateLimitOn.total > r.storageRequestsPerMessage.oursRateLimitOff.total, "the rate limit costs table requests");
+    assert.equal(r.latencyAfterIdleMs.probes.length, 1);
+    assert.ok(r.latencyAfterIdleMs.max > 0);
+    assert.equal(r.scaleOut.delivered, 41);
+    assert.equal(r.scaleOut.duplicates, 0);
+    assert.equal(r.scaleOut.throttlingReplies, 0);
+    assert.ok(r.scaleOut.maxAuthenticatedAtOnce >= 1 && r.scaleOut.maxAuthenticatedAtOnce <= 3, `${r.scaleOut.maxAuthenticatedAtOnce} connections at once`);
     // Templates cost: the same 60 messages written out and rendered, each delivered in full.
     assert.equal(r.rates.oursPlain.messages, 60);
     assert.equal(r.rates.oursTemplates.messages, 60);
