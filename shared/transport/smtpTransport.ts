@@ -131,13 +131,13 @@ export function createSmtpTransport(
     lanes.add(lane);
     return lane;
   }
-  const closing = new Set<Promise<void>>();
+  const closing = new Set<Lane>();
   function closeLane(lane: Lane): Promise<void> {
     if (lane.gone) return lane.gone;
     const gone = new Promise<void>((resolve) => (lane.markGone = resolve));
     lane.gone = gone;
-    closing.add(gone);
-    void gone.then(() => closing.delete(gone));
+    closing.add(lane);
+    void gone.then(() => closing.delete(lane));
     lane.closed = true;
     clearTimeout(lane.idleTimer);
     lanes.delete(lane);
@@ -319,10 +319,16 @@ export function createSmtpTransport(
       closedForGood = true;
       for (const claim of claims) claim.abort(new Error("transport closed"));
       for (const waiter of waiting.splice(0)) waiter.reject(new Error("the SMTP transport was closed"));
-      // Wait (briefly) for the slots to be written free: a process that exits right after would
-      // otherwise leave them taken until their leases run out, and the next process would wait.
-      const gone = Promise.all([...[...lanes].map(closeLane), ...closing]);
-      await Promise.race([gone, new Promise((resolve) => setTimeout(resolve, 3_000).unref())]);
+      // Wait for the slots to be written free: a process that exits right after would otherwise
+      // leave them taken until their leases run out (a minute), and the next process on the
+      // mailbox would wait that long. A socket that has not closed within a second (QUIT not
+      // answered) is not waited for any longer: its slot is released anyway.
+      const within = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms).unref());
+      for (const lane of [...lanes]) void closeLane(lane);
+      const everyLane = () => Promise.all([...closing].map((lane) => lane.gone));
+      await Promise.race([everyLane(), within(1_000)]);
+      for (const lane of closing) releaseLane(lane);
+      await Promise.race([everyLane(), within(3_000)]);
     },
   };
 }
