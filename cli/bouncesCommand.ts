@@ -6,6 +6,7 @@ import { createBounceWatch, type BouncePassResult, type ReportOutcome } from "..
 import { loadBounceConfig, readSettings } from "../shared/config.js";
 import { ConfigError, MailerError } from "../shared/errors.js";
 import { jsonLineLogger, type LogLevel } from "../shared/log.js";
+import { UsageError } from "./subcommands.js";
 
 export const bouncesUsage = `Usage:
   queue-mailer bounces [--json] [--log-level debug|info|warn|error]
@@ -20,7 +21,6 @@ export const bouncesUsage = `Usage:
 /** How long the command waits for a pass another instance is running. */
 const LEASE_WAIT_MS = 60_000;
 
-class UsageError extends Error {}
 
 function recipientsText(report: ReportOutcome): string {
   return report.recipients

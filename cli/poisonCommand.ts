@@ -4,9 +4,9 @@
 // shared/queue/poisonQueue.ts).
 import { parseArgs } from "node:util";
 import { loadStorageConfig, readSettings } from "../shared/config.js";
-import { MailerError } from "../shared/errors.js";
 import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { HOST_MOVED_REASON, listPoison, requeuePoison, type PoisonEntry } from "../shared/queue/poisonQueue.js";
+import { runSubcommands, UsageError } from "./subcommands.js";
 
 export const poisonUsage = `Usage:
   queue-mailer poison list [--json] [--limit N]
@@ -22,7 +22,6 @@ export const poisonUsage = `Usage:
 Needs only the storage settings (AzureWebJobsStorage or AzureWebJobsStorage__queueServiceUri, MAIL_QUEUE).
 `;
 
-class UsageError extends Error {}
 
 const MESSAGE_WIDTH = 100;
 
@@ -121,34 +120,6 @@ async function requeueSubcommand(args: string[]): Promise<number> {
   return result.notFound.length > 0 || result.refused.length > 0 ? 1 : 0;
 }
 
-export async function poisonCommand(args: string[]): Promise<number> {
-  const [sub, ...rest] = args;
-  const name = sub === "list" || sub === "requeue" ? `poison ${sub}` : "poison";
-  try {
-    switch (sub) {
-      case "list":
-        return await listSubcommand(rest);
-      case "requeue":
-        return await requeueSubcommand(rest);
-      case "help":
-      case "--help":
-      case "-h":
-        process.stdout.write(poisonUsage);
-        return 0;
-      default:
-        process.stderr.write(`queue-mailer poison: ${sub === undefined ? "missing subcommand" : `unknown subcommand "${sub}"`}\n\n${poisonUsage}`);
-        return 2;
-    }
-  } catch (error) {
-    if (error instanceof UsageError) {
-      process.stderr.write(`queue-mailer ${name}: ${error.message}\n\n${poisonUsage}`);
-      return 2;
-    }
-    if (error instanceof MailerError) {
-      process.stderr.write(`queue-mailer ${name}: ${error.code}: ${error.message}\n${error.hint ? `hint: ${error.hint}\n` : ""}`);
-      return error.kind === "config" ? 2 : 1;
-    }
-    process.stderr.write(`queue-mailer ${name}: ${(error as Error).message}\n`);
-    return 1;
-  }
+export function poisonCommand(args: string[]): Promise<number> {
+  return runSubcommands("poison", poisonUsage, { list: listSubcommand, requeue: requeueSubcommand }, args);
 }

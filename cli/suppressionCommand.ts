@@ -3,9 +3,9 @@
 // that must not get mail, and remove one that works again. Needs only the storage settings.
 import { parseArgs } from "node:util";
 import { loadStorageConfig, readSettings } from "../shared/config.js";
-import { MailerError } from "../shared/errors.js";
 import { silentLogger } from "../shared/log.js";
 import { normalizeAddress, SUPPRESSIONS_TABLE, tableSuppressionList, type Suppression, type SuppressionList } from "../shared/bounces/suppressionList.js";
+import { runSubcommands, UsageError } from "./subcommands.js";
 
 export const suppressionUsage = `Usage:
   queue-mailer suppression list [--json]
@@ -22,7 +22,6 @@ Needs only the storage settings (AzureWebJobsStorage, or AzureWebJobsStorage__qu
 AzureWebJobsStorage__tableServiceUri with an identity).
 `;
 
-class UsageError extends Error {}
 
 const REASON_WIDTH = 80;
 
@@ -92,36 +91,6 @@ async function removeSubcommand(args: string[]): Promise<number> {
   return 1;
 }
 
-export async function suppressionCommand(args: string[]): Promise<number> {
-  const [sub, ...rest] = args;
-  const name = sub === "list" || sub === "add" || sub === "remove" ? `suppression ${sub}` : "suppression";
-  try {
-    switch (sub) {
-      case "list":
-        return await listSubcommand(rest);
-      case "add":
-        return await addSubcommand(rest);
-      case "remove":
-        return await removeSubcommand(rest);
-      case "help":
-      case "--help":
-      case "-h":
-        process.stdout.write(suppressionUsage);
-        return 0;
-      default:
-        process.stderr.write(`queue-mailer suppression: ${sub === undefined ? "missing subcommand" : `unknown subcommand "${sub}"`}\n\n${suppressionUsage}`);
-        return 2;
-    }
-  } catch (error) {
-    if (error instanceof UsageError) {
-      process.stderr.write(`queue-mailer ${name}: ${error.message}\n\n${suppressionUsage}`);
-      return 2;
-    }
-    if (error instanceof MailerError) {
-      process.stderr.write(`queue-mailer ${name}: ${error.code}: ${error.message}\n${error.hint ? `hint: ${error.hint}\n` : ""}`);
-      return error.kind === "config" ? 2 : 1;
-    }
-    process.stderr.write(`queue-mailer ${name}: ${(error as Error).message}\n`);
-    return 1;
-  }
+export function suppressionCommand(args: string[]): Promise<number> {
+  return runSubcommands("suppression", suppressionUsage, { list: listSubcommand, add: addSubcommand, remove: removeSubcommand }, args);
 }
