@@ -19,10 +19,8 @@ import { LOCAL_CLIENT_ID, LOCAL_MAILBOX, LOCAL_PUBLIC_CLIENT_ID, LOCAL_SECRET_CL
 import { startOAuthServer } from "../cli/local/oauthServer.js";
 import { startSmtpSink, type SmtpFault, type SmtpFaultAction, type SmtpSink } from "../cli/local/smtpSink.js";
 import { loadStorageConfig } from "../shared/config.js";
-import type { Check, DoctorReport, DoctorStep } from "../shared/doctor/check.js";
+import type { DoctorReport } from "../shared/doctor/check.js";
 import { adviceFor } from "../shared/doctor/fixes.js";
-import { checklistText, reportJson } from "../shared/doctor/report.js";
-import { runDoctor, type DoctorOptions } from "../shared/doctor/runDoctor.js";
 import { SENDER_TABLES } from "../shared/doctor/storageStep.js";
 import { measureClockOffset } from "../shared/doctor/tokenStep.js";
 import { enqueueEmail } from "../shared/enqueueEmail.js";
@@ -30,13 +28,12 @@ import { openMailQueues, type MailQueues } from "../shared/queue/mailQueue.js";
 import { circuitBreaker } from "../shared/send/circuitBreaker.js";
 import { openContainer, openTable } from "../shared/storage/storageClients.js";
 import { cliEntry, spawnCli } from "./support/cli.js";
-import { capturingLogger, drain, useLocalStack, within, type CapturedLogger } from "./support/harness.js";
+import { assertFails, doctorRunner, JWT } from "./support/doctorRun.js";
+import { capturingLogger, drain, useLocalStack, within } from "./support/harness.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "./support/keyVaultDouble.js";
 
 const EXCHANGE_535_573 = "5.7.3 Authentication unsuccessful [SN4PR0501CA0054.namprd05.prod.outlook.com 2026-11-30T06:00:00.000Z 08DCF0E1C2B3A4F5]";
 const EXCHANGE_535_57139 = "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. Visit https://aka.ms/smtp_auth_disabled for more information. [SN4PR0501CA0054.namprd05.prod.outlook.com]";
-/** Any JWT (access tokens, client assertions): none may appear in any output. */
-const JWT = /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]+/;
 const DOMAIN = LOCAL_MAILBOX.split("@")[1]!;
 
 let fault: ((ctx: SmtpFault) => SmtpFaultAction | undefined) | undefined;
@@ -44,42 +41,7 @@ let fault: ((ctx: SmtpFault) => SmtpFaultAction | undefined) | undefined;
 const outputs: string[] = [];
 const secrets: string[] = [];
 
-interface Run {
-  report: DoctorReport;
-  text: string;
-  json: string;
-  logger: CapturedLogger;
-  check(step: DoctorStep): Check;
-}
-
-async function doctor(env: Record<string, string>, options: DoctorOptions = {}): Promise<Run> {
-  const logger = capturingLogger();
-  const report = await within(runDoctor(env, { logger, ...options }), 60_000, "the doctor to finish");
-  const text = checklistText(report);
-  const json = reportJson(report);
-  outputs.push(text, json, ...logger.lines);
-  return {
-    report,
-    text,
-    json,
-    logger,
-    check(step) {
-      const found = report.checks.find((c) => c.step === step);
-      assert.ok(found, `no check for step ${step}:\n${text}`);
-      return found;
-    },
-  };
-}
-
-/** The step failed with `code`, and every step before it that ran is not failed. */
-function assertFails(run: Run, step: DoctorStep, code: string): Check {
-  const check = run.check(step);
-  assert.deepEqual({ step: check.step, status: check.status, code: check.code }, { step, status: "fail", code }, run.text);
-  assert.equal(run.report.ok, false);
-  const first = run.report.checks.find((c) => c.status === "fail");
-  assert.equal(first?.step, step, `the first failing step is ${step}:\n${run.text}`);
-  return check;
-}
+const doctor = doctorRunner(outputs);
 
 function assertNoSecrets(texts: string[], values: string[]): void {
   for (const text of texts) {

@@ -11,47 +11,17 @@ import { startDnsServer, type DnsServer } from "../cli/local/dnsServer.js";
 import { GOOGLE_MAIL_SCOPE, type GoogleServiceAccountKeyJson, type GoogleTokenServer } from "../cli/local/googleTokenServer.js";
 import { LOCAL_MAILBOX } from "../cli/local/localStack.js";
 import type { SmtpFault, SmtpFaultAction } from "../cli/local/smtpSink.js";
-import type { Check, DoctorReport, DoctorStep } from "../shared/doctor/check.js";
-import { checklistText, reportJson } from "../shared/doctor/report.js";
-import { runDoctor, type DoctorOptions } from "../shared/doctor/runDoctor.js";
-import { capturingLogger, useLocalStack, within } from "./support/harness.js";
+import { assertFails, doctorRunner, JWT } from "./support/doctorRun.js";
+import { useLocalStack } from "./support/harness.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "./support/keyVaultDouble.js";
 
-const JWT = /eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]+/;
 const GMAIL_BAD_CREDENTIALS = "5.7.8 Username and Password not accepted. For more information, go to https://support.google.com/mail/?p=BadCredentials";
 const DOMAIN = LOCAL_MAILBOX.split("@")[1]!;
 
 let fault: ((ctx: SmtpFault) => SmtpFaultAction | undefined) | undefined;
 const outputs: string[] = [];
 
-interface Run {
-  report: DoctorReport;
-  text: string;
-  check(step: DoctorStep): Check;
-}
-
-async function doctor(env: Record<string, string>, options: DoctorOptions = {}): Promise<Run> {
-  const logger = capturingLogger();
-  const report = await within(runDoctor(env, { logger, ...options }), 60_000, "the doctor to finish");
-  const text = checklistText(report);
-  outputs.push(text, reportJson(report), ...logger.lines);
-  return {
-    report,
-    text,
-    check(step) {
-      const found = report.checks.find((c) => c.step === step);
-      assert.ok(found, `no check for step ${step}:\n${text}`);
-      return found;
-    },
-  };
-}
-
-function assertFails(run: Run, step: DoctorStep, code: string): Check {
-  const check = run.check(step);
-  assert.deepEqual({ status: check.status, code: check.code }, { status: "fail", code }, run.text);
-  assert.equal(run.report.checks.find((c) => c.status === "fail")?.step, step, run.text);
-  return check;
-}
+const doctor = doctorRunner(outputs);
 
 describe("queue-mailer doctor, AUTH_METHOD=google-service-account", () => {
   const local = useLocalStack("qm-doctor-google-", { authMethod: "google-service-account", fault: (ctx) => fault?.(ctx) });
