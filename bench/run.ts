@@ -37,7 +37,7 @@ import { TokenProvider } from "../shared/token/tokenProvider.js";
 import { startKeyVaultDouble, type KeyVaultDouble } from "../test/support/keyVaultDouble.js";
 import { runScaleOut } from "./scaleOut.js";
 import { startStorageCounter } from "./storageCounter.js";
-import { diyCommand, fill, messageJson, rateCapFault, root, runWorker, sinkOf, type CapState } from "./support.js";
+import { diyCommand, fill, messageJson, rateCapFault, root, runWorker, sinkOf, stallsOf, type CapState } from "./support.js";
 
 const { values } = parseArgs({
   options: {
@@ -76,31 +76,12 @@ const LATENCY_RATE = 20;
 const IDLE_SECONDS = Number(values["idle-seconds"]);
 const IDLE_PROBES = Math.max(1, Number(values["idle-probes"]));
 const SCALE_OUT = { workers: 3, messages: Number(values["scale-out-messages"]) };
-/** A pause this long with nothing arriving, in a run that delivers hundreds a second, is a stall. */
-const STALL_MS = 5_000;
 const workDir = resolve(root, ".bench");
 const caDir = join(workDir, "ca");
 
 const log = (line: string) => process.stderr.write(`${line}\n`);
 const seconds = (ms: number) => ms / 1000;
 const rate = (count: number, ms: number) => Math.round((count / seconds(ms)) * 10) / 10;
-
-/**
- * Pauses with nothing arriving longer than STALL_MS, from sorted arrival times. Azurite's queue
- * service stops answering while it garbage-collects the extents of deleted messages (a mark and
- * sweep every 60 s that blocks its event loop: measured 18 s after 5,000 messages); the
- * throughput rows report their rate with and without these pauses.
- */
-function stallsOf(times: number[]): { stallMs: number; longestGapMs: number } {
-  let stallMs = 0;
-  let longestGapMs = 0;
-  for (let i = 1; i < times.length; i++) {
-    const gap = (times[i] ?? 0) - (times[i - 1] ?? 0);
-    longestGapMs = Math.max(longestGapMs, gap);
-    if (gap > STALL_MS) stallMs += gap;
-  }
-  return { stallMs, longestGapMs };
-}
 
 function percentile(sorted: number[], p: number): number {
   return sorted.length === 0 ? 0 : (sorted[Math.min(sorted.length - 1, Math.floor((p / 100) * sorted.length))] ?? 0);
@@ -250,14 +231,13 @@ async function main(): Promise<void> {
       const { stallMs, longestGapMs } = stallsOf(times);
       return { messagesPerSecond: rate(times.length, ms), messagesPerSecondWithoutStalls: rate(times.length, ms - stallMs), messages: times.length, seconds: seconds(ms), stallSeconds: seconds(stallMs), longestGapMs, firstAfterMs: (times[0] ?? 0) - startedAt };
     };
-    const timedOnce = async (queueName: string, count: number, env: Record<string, string>, command?: string[]): Promise<Timed> => {
+    const timed = async (queueName: string, count: number, env: Record<string, string>, command?: string[]): Promise<Timed> => {
       const q = await openMailQueues(storageFor(queueName));
       await fill(q.queue, count);
       const from = sink.messages.length;
       const run = await runWorker({ ...env, MAIL_QUEUE: queueName }, command ? [] : ["--drain"], undefined, command);
       return timing(sink.messages.slice(from).map((m) => m.receivedAt), run.startedAt);
     };
-    const timed = timedOnce;
     const diyAt: Record<string, Timed> = {};
     const oursAt: Record<string, Timed> = {};
     if (N > DIY_SMALL) {

@@ -8,7 +8,7 @@ import { openMailQueues } from "../shared/queue/mailQueue.js";
 import { CONNECTION_TABLE } from "../shared/send/connectionSlots.js";
 import { RATE_TABLE } from "../shared/send/rateLimiter.js";
 import { openTable, tableKey } from "../shared/storage/storageClients.js";
-import { fill, runWorker, type BenchSink, type WorkerRun } from "./support.js";
+import { fill, runWorker, stallsOf, type BenchSink, type WorkerRun } from "./support.js";
 
 export interface ScaleOutOptions {
   /**
@@ -159,7 +159,7 @@ export async function runScaleOut(options: ScaleOutOptions): Promise<ScaleOutRes
   const ids = new Set(arrivals.map((m) => m.messageId));
   const times = arrivals.map((m) => m.receivedAt).sort((a, b) => a - b);
   const actualMs = (times.at(-1) ?? 0) - (times[0] ?? 0);
-  const longestGapMs = times.reduce((most, t, i) => (i === 0 ? 0 : Math.max(most, t - (times[i - 1] ?? t))), 0);
+  const { longestGapMs } = stallsOf(times);
   // A queue's count includes hidden messages (a retry's backoff), which a drain leaves behind.
   const stillQueued = (await queues.queue.getProperties()).approximateMessagesCount ?? -1;
   const poisoned = (await queues.poison.getProperties()).approximateMessagesCount ?? -1;
